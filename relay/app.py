@@ -1,0 +1,178 @@
+"""`create_app()`: the HTTP shell around `ingest`: routes, lifespan, and truthful status codes.
+
+401 only for a request that is not authentic, 413 for an oversized body, 503 with `Retry-After` when
+PostgreSQL cannot take the event now (Auth0 retries 5xx, never 4xx), and 200 only after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+from litestar import Litestar, Request, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.response import Response
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from relay.ingest import EventResult, ingest_body
+from relay.migrations import latest_version
+from relay.settings import Settings
+from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
+from relay.store import Connection, create_pool, migrated_version
+
+log = logging.getLogger("relay")
+
+# Auth0 retries after 1, 2 and 4 s; a short hint keeps the retry inside that window.
+RETRY_AFTER_SECONDS = 2
+
+
+@dataclass(slots=True)
+class Relay:
+    """What the routes share: configuration and the pool, kept on `app.state.relay`."""
+
+    settings: Settings
+    pool: AsyncConnectionPool[Connection]
+    clock: Callable[[], float] = time.time
+
+
+def _relay(state: State) -> Relay:
+    relay: Relay = state.relay
+    return relay
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> Response[dict[str, str]]:
+    return Response({"error": reason}, status_code=status, headers=headers)
+
+
+def _unavailable(reason: str) -> Response[dict[str, str]]:
+    return _error(503, reason, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _accepted(results: list[EventResult]) -> Response[dict[str, Any]]:
+    events = [
+        {
+            key: value
+            for key, value in (
+                ("id", result.event_id),
+                ("outcome", str(result.outcome)),
+                ("dead_letter_id", result.dead_letter_id),
+                ("error", result.error),
+            )
+            if value is not None
+        }
+        for result in results
+    ]
+    return Response({"events": events}, status_code=200)
+
+
+async def _ingest(request: Request[Any, Any, Any], relay: Relay, route: str, **options: Any) -> Response[Any]:
+    body = await request.body()
+    try:
+        results = await ingest_body(
+            relay.pool,
+            route=route,
+            headers=request.headers,
+            body=body,
+            delete_mode=relay.settings.delete_mode,
+            **options,
+        )
+    except (PoolTimeout, TooManyRequests):
+        log.warning("no database connection within %.1f s; answered 503", relay.settings.db_timeout_seconds)
+        return _unavailable("database busy or unavailable; retry later")
+    except psycopg.OperationalError as error:
+        log.warning("database unavailable (%s); answered 503", type(error).__name__)
+        return _unavailable("database unavailable; retry later")
+    return _accepted(results)
+
+
+@post("/events/action", status_code=200)
+async def receive_from_action(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """One CloudEvent signed by the Auth0 Action (Standard Webhooks v1)."""
+    relay = _relay(state)
+    body = await request.body()
+    try:
+        event_id = verify_standard_webhook(
+            request.headers, body, relay.settings.signing_secrets, relay.clock()
+        )
+    except Rejected as rejected:
+        return _error(401, rejected.reason)
+    return await _ingest(request, relay, "action", expected_event_id=event_id)
+
+
+@post("/events/webhook", status_code=200)
+async def receive_from_webhook(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """One CloudEvent, or a JSON array of them, from Auth0's webhook destination."""
+    relay = _relay(state)
+    settings = relay.settings
+    try:
+        # Credentials are in the headers: check them before reading a body nobody vouched for.
+        verify_webhook_credentials(
+            request.headers,
+            tokens=settings.webhook_tokens,
+            basic=settings.webhook_basic,
+            custom_headers=settings.webhook_headers,
+        )
+    except Rejected as rejected:
+        return _error(401, rejected.reason)
+    return await _ingest(request, relay, "webhook")
+
+
+@get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive; says nothing of the database, so an orchestrator does not restart us for it."""
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(state: State) -> Response[Any]:
+    """The database answers and carries every migration this version needs."""
+    relay = _relay(state)
+    expected = latest_version()
+    try:
+        async with relay.pool.connection() as conn:
+            found = await migrated_version(conn)
+    except (PoolTimeout, TooManyRequests, psycopg.OperationalError):
+        return _unavailable("database unavailable")
+    except psycopg.errors.UndefinedTable:
+        return _unavailable("database not migrated: run `relay migrate`")
+    if found < expected:
+        return _unavailable(
+            f"database at migration {found}, this relay needs {expected}: run `relay migrate`"
+        )
+    return Response({"status": "ready", "migration": found}, status_code=200)
+
+
+def _json_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
+    # Litestar's own 4xx (413 above all) in the same shape as ours, with nothing internal in it.
+    return _error(exc.status_code, str(exc.detail))
+
+
+def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] = time.time) -> Litestar:
+    """A relay app for `settings`, writing to the database at `conninfo`."""
+    pool = create_pool(conninfo, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Not waiting for a connection: the relay serves (and answers 503) while PostgreSQL comes up.
+        await pool.open(wait=False)
+        app.state.relay = Relay(settings=settings, pool=pool, clock=clock)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[receive_from_action, receive_from_webhook, healthz, readyz],
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        exception_handlers={HTTPException: _json_error},
+        type_encoders={msgspec.UnsetType: lambda _: None},
+        openapi_config=None,
+    )

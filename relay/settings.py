@@ -1,0 +1,171 @@
+"""Configuration from the environment, validated once at start-up.
+
+Every problem is reported as one `ConfigError` line that names the variable and what was expected, so
+`relay serve` can refuse to start with a message an operator can act on instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DeleteMode = Literal["soft", "scrub"]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# Standard Webhooks secrets carry 24 to 64 random bytes; fewer is too weak to accept.
+_MIN_SECRET_BYTES = 24
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str | None = None
+    """libpq URI of the PostgreSQL to write to; unset starts an embedded server under `data_dir`."""
+    signing_secrets: tuple[bytes, ...] = ()
+    """HMAC keys (decoded from `whsec_…`) that may sign requests to `/events/action`."""
+    webhook_tokens: tuple[str, ...] = ()
+    """Bearer tokens accepted on `/events/webhook`."""
+    webhook_basic: tuple[str, ...] = ()
+    """`user:password` pairs accepted as HTTP Basic credentials on `/events/webhook`."""
+    webhook_headers: tuple[tuple[str, str], ...] = ()
+    """(lower-case header name, value) pairs accepted as a custom-header credential on `/events/webhook`."""
+    db_schema: str = "auth0"
+    """PostgreSQL schema that holds the relay's tables."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port to listen on."""
+    max_body_bytes: int = 256 * 1024
+    """Largest request body accepted; larger ones get 413 before they are read whole."""
+    delete_mode: DeleteMode = "soft"
+    """`soft` keeps a deleted user's profile beside the tombstone; `scrub` clears its personal fields."""
+    pool_size: int = 10
+    """Most PostgreSQL connections this process holds."""
+    db_timeout_seconds: float = 2.0
+    """Longest wait for a pooled connection before answering 503, kept well inside Auth0's retry budget."""
+    data_dir: Path = field(default_factory=lambda: Path(".data"))
+    """Where the embedded PostgreSQL and the generated development credentials live."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.signing_secrets or self.webhook_tokens or self.webhook_basic or self.webhook_headers)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        schema = text("RELAY_DB_SCHEMA") or "auth0"
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"RELAY_DB_SCHEMA: expected a lower-case PostgreSQL identifier "
+                f"(letters, digits, underscore), got {schema!r}"
+            )
+        delete_mode = text("RELAY_DELETE_MODE") or "soft"
+        if delete_mode not in ("soft", "scrub"):
+            raise ConfigError(f"RELAY_DELETE_MODE: expected 'soft' or 'scrub', got {delete_mode!r}")
+        log_level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"RELAY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+
+        return cls(
+            database_url=text("DATABASE_URL"),
+            signing_secrets=tuple(
+                decode_signing_secret(s, "RELAY_SIGNING_SECRETS")
+                for s in _items(text("RELAY_SIGNING_SECRETS"))
+            ),
+            webhook_tokens=tuple(_items(text("RELAY_WEBHOOK_TOKENS"))),
+            webhook_basic=tuple(_basic_pairs(text("RELAY_WEBHOOK_BASIC"))),
+            webhook_headers=tuple(_header_pairs(text("RELAY_WEBHOOK_HEADER"))),
+            db_schema=schema,
+            host=text("RELAY_HOST") or "127.0.0.1",
+            port=_integer(env, "RELAY_PORT", 8000, 1, 65535),
+            max_body_bytes=_integer(env, "RELAY_MAX_BODY_BYTES", 256 * 1024, 1024, 64 * 1024 * 1024),
+            delete_mode=delete_mode,  # type: ignore[arg-type]  # checked just above
+            pool_size=_integer(env, "RELAY_DB_POOL_SIZE", 10, 1, 1000),
+            db_timeout_seconds=_number(env, "RELAY_DB_TIMEOUT_SECONDS", 2.0, 0.1, 30.0),
+            data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
+            log_level=log_level,
+        )
+
+
+def decode_signing_secret(secret: str, variable: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: the base64 after `whsec_`."""
+    if not secret.startswith("whsec_"):
+        raise ConfigError(f"{variable}: each secret must start with 'whsec_' (Standard Webhooks format)")
+    encoded = secret.removeprefix("whsec_")
+    try:
+        # The reference libraries tolerate missing padding, so a secret copied from them works here too.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ConfigError(f"{variable}: the part after 'whsec_' must be base64") from None
+    if len(key) < _MIN_SECRET_BYTES:
+        raise ConfigError(f"{variable}: each secret must hold at least {_MIN_SECRET_BYTES} random bytes")
+    return key
+
+
+def _items(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _basic_pairs(value: str | None) -> list[str]:
+    pairs = _items(value)
+    for pair in pairs:
+        user, colon, password = pair.partition(":")
+        if not (user and colon and password):
+            raise ConfigError("RELAY_WEBHOOK_BASIC: expected comma-separated 'user:password' pairs")
+    return pairs
+
+
+def _header_pairs(value: str | None) -> list[tuple[str, str]]:
+    pairs = []
+    for item in _items(value):
+        name, colon, header_value = item.partition(":")
+        name, header_value = name.strip(), header_value.strip()
+        if not (colon and _HEADER_NAME.fullmatch(name) and header_value):
+            raise ConfigError("RELAY_WEBHOOK_HEADER: expected comma-separated 'Header-Name:value' pairs")
+        if name.lower() in ("authorization", "content-type", "content-length", "host"):
+            raise ConfigError(f"RELAY_WEBHOOK_HEADER: {name!r} cannot carry a custom-header credential")
+        pairs.append((name.lower(), header_value))
+    return pairs
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {value}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: expected a number from {low} to {high}, got {value}")
+    return value

@@ -1,0 +1,200 @@
+"""SQL text, and the functions that run it on a pooled connection.
+
+Every statement is literal and parameterised. A batch locks its users' rows with one statement, in
+`user_id` order, so concurrent requests and replicas queue on each other instead of deadlocking; the
+merge itself happens in `handlers.py` between the load and the save, inside the same transaction as the
+ledger row that records the event, so an event is applied and recorded together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from relay.events import Event, OtherEvent, UserEvent
+from relay.handlers import Outcome, UserState, apply_event, from_micros, version_of
+from relay.settings import DeleteMode, Settings
+
+Connection = AsyncConnection[Any]
+
+# Locks every user of the batch, creating an empty row for a user seen for the first time. One statement,
+# rows in user_id order: the deterministic lock order that keeps concurrent batches from deadlocking.
+LOCK_USERS = """
+INSERT INTO users (user_id)
+SELECT user_id FROM unnest(%(user_ids)s::text[]) AS batch(user_id) ORDER BY user_id
+ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
+RETURNING user_id, profile, merge_state, deleted_at
+"""
+
+FIND_PROCESSED = """
+SELECT event_id FROM processed_events WHERE event_id = ANY(%(event_ids)s::text[])
+"""
+
+SAVE_USER = """
+UPDATE users
+   SET profile = %(profile)s,
+       merge_state = %(merge_state)s,
+       deleted_at = %(deleted_at)s,
+       last_event_processed = %(last_event_processed)s,
+       last_event_id = %(last_event_id)s
+ WHERE user_id = %(user_id)s
+"""
+
+# Returns the ids it recorded; an id missing from the answer was recorded concurrently: a duplicate.
+RECORD_EVENTS = """
+INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
+SELECT * FROM unnest(%(event_ids)s::text[], %(event_types)s::text[], %(user_ids)s::text[],
+                     %(event_times)s::timestamptz[], %(outcomes)s::text[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+RECORD_DEAD_LETTER = """
+INSERT INTO dead_letters (route, body, headers, error)
+VALUES (%(route)s, %(body)s, %(headers)s, %(error)s)
+RETURNING id
+"""
+
+CHECK_READY = """
+SELECT coalesce(max(version), 0) FROM schema_migrations
+"""
+
+
+def _dump_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def _configure(conn: Connection) -> None:
+    # msgspec writes the JSON columns several times faster than the standard library.
+    from psycopg.types.json import set_json_dumps
+
+    set_json_dumps(_dump_json, context=conn)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """libpq options for every relay connection: the relay's schema first on the search path."""
+    # db_schema is validated as a plain identifier, so it is safe inside the options string.
+    return {"options": f"-c search_path={settings.db_schema}", "connect_timeout": 5, "autocommit": True}
+
+
+def create_pool(conninfo: str, settings: Settings) -> AsyncConnectionPool[Connection]:
+    return AsyncConnectionPool(
+        conninfo,
+        open=False,
+        min_size=1,
+        max_size=settings.pool_size,
+        timeout=settings.db_timeout_seconds,
+        # A connection that died while idle (PostgreSQL restarted) is replaced before a request gets it,
+        # instead of failing that request.
+        check=AsyncConnectionPool.check_connection,
+        kwargs=connection_options(settings),
+        configure=_configure,
+        name="relay",
+    )
+
+
+async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: DeleteMode) -> list[Outcome]:
+    """Applies a batch of decoded events in one transaction; returns an outcome per event, in order."""
+    outcomes: list[Outcome | None] = [None] * len(events)
+    first_index: dict[str, int] = {}
+    for index, event in enumerate(events):
+        if event.id in first_index:
+            outcomes[index] = Outcome.DUPLICATE
+        else:
+            first_index[event.id] = index
+    fresh = [(index, events[index]) for index in first_index.values()]
+
+    async with conn.transaction(), conn.cursor() as cursor:
+        user_ids = sorted({event.user_id for _, event in fresh if isinstance(event, UserEvent)})
+        states: dict[str, UserState] = {}
+        if user_ids:
+            await cursor.execute(LOCK_USERS, {"user_ids": user_ids})
+            for user_id, profile, merge_state, deleted_at in await cursor.fetchall():
+                states[user_id] = UserState.from_stored(user_id, profile, merge_state, deleted_at)
+
+        await cursor.execute(FIND_PROCESSED, {"event_ids": [event.id for _, event in fresh]})
+        already_processed = {row[0] for row in await cursor.fetchall()}
+
+        changed: set[str] = set()
+        # Version order within the batch, so outcomes read as they would had the events come one by one.
+        for index, event in sorted(fresh, key=lambda item: _sort_key(item[1])):
+            if event.id in already_processed:
+                outcomes[index] = Outcome.DUPLICATE
+            elif isinstance(event, OtherEvent):
+                outcomes[index] = Outcome.TEST if event.is_test else Outcome.IGNORED
+            else:
+                outcomes[index] = apply_event(states[event.user_id], event, delete_mode)
+                changed.add(event.user_id)
+
+        if changed:
+            await cursor.executemany(SAVE_USER, [_saved_row(states[user_id]) for user_id in sorted(changed)])
+
+        to_record = [(index, event) for index, event in fresh if outcomes[index] is not Outcome.DUPLICATE]
+        if to_record:
+            await cursor.execute(RECORD_EVENTS, _ledger_rows(to_record, outcomes))
+            recorded = {row[0] for row in await cursor.fetchall()}
+            for index, event in to_record:
+                if event.id not in recorded:
+                    outcomes[index] = Outcome.DUPLICATE
+
+    return [outcome if outcome is not None else Outcome.DUPLICATE for outcome in outcomes]
+
+
+async def record_dead_letter(
+    conn: Connection, route: str, body: bytes, headers: Mapping[str, str], error: str
+) -> int:
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(
+            RECORD_DEAD_LETTER,
+            {"route": route, "body": body, "headers": Jsonb(dict(headers)), "error": error},
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def migrated_version(conn: Connection) -> int:
+    async with conn.cursor() as cursor:
+        await cursor.execute(CHECK_READY)
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _sort_key(event: Event) -> tuple[int, str]:
+    return version_of(event) if isinstance(event, UserEvent) else (0, event.id)
+
+
+def _saved_row(state: UserState) -> dict[str, Any]:
+    last = state.last_version
+    return {
+        "user_id": state.user_id,
+        "profile": Jsonb(state.profile),
+        "merge_state": Jsonb(state.to_merge_state()),
+        "deleted_at": state.deleted_at,
+        "last_event_processed": from_micros(last[0]) if last else None,
+        "last_event_id": last[1] if last else None,
+    }
+
+
+def _ledger_rows(
+    recorded: Iterable[tuple[int, Event]], outcomes: Sequence[Outcome | None]
+) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {
+        "event_ids": [],
+        "event_types": [],
+        "user_ids": [],
+        "event_times": [],
+        "outcomes": [],
+    }
+    for index, event in recorded:
+        columns["event_ids"].append(event.id)
+        columns["event_types"].append(event.kind.value if isinstance(event, UserEvent) else event.type)
+        columns["user_ids"].append(event.user_id)
+        columns["event_times"].append(event.time)
+        columns["outcomes"].append(str(outcomes[index]))
+    return columns
