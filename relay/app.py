@@ -89,6 +89,10 @@ async def _ingest(request: Request[Any, Any, Any], relay: Relay, route: str, **o
     except psycopg.OperationalError as error:
         log.warning("database unavailable (%s); answered 503", type(error).__name__)
         return _unavailable("database unavailable; retry later")
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        # A replica that started before `relay migrate` ran: retryable once an operator migrates.
+        log.error("the relay's tables are missing from schema %r; answered 503", relay.settings.db_schema)
+        return _unavailable("database not migrated: run `relay migrate`")
     return _accepted(results)
 
 
