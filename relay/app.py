@@ -21,6 +21,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Response
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from relay.batching import GroupCommitter, Saturated
 from relay.ingest import EventResult, ingest_body
 from relay.migrations import latest_version
 from relay.settings import Settings
@@ -39,6 +40,7 @@ class Relay:
 
     settings: Settings
     pool: AsyncConnectionPool[Connection]
+    committer: GroupCommitter
     clock: Callable[[], float] = time.time
 
 
@@ -76,13 +78,11 @@ async def _ingest(request: Request[Any, Any, Any], relay: Relay, route: str, **o
     body = await request.body()
     try:
         results = await ingest_body(
-            relay.pool,
-            route=route,
-            headers=request.headers,
-            body=body,
-            delete_mode=relay.settings.delete_mode,
-            **options,
+            relay.pool, relay.committer.apply, route=route, headers=request.headers, body=body, **options
         )
+    except Saturated as saturated:
+        log.warning("queue full (%s); answered 503", saturated)
+        return _unavailable("relay saturated; retry later")
     except (PoolTimeout, TooManyRequests):
         log.warning("no database connection within %.1f s; answered 503", relay.settings.db_timeout_seconds)
         return _unavailable("database busy or unavailable; retry later")
@@ -166,10 +166,21 @@ def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] 
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Not waiting for a connection: the relay serves (and answers 503) while PostgreSQL comes up.
         await pool.open(wait=False)
-        app.state.relay = Relay(settings=settings, pool=pool, clock=clock)
+        committer = GroupCommitter(
+            pool,
+            settings.delete_mode,
+            max_events=settings.batch_max_events,
+            max_wait_seconds=settings.batch_max_wait_ms / 1000,
+            max_queued_events=settings.queue_max_events,
+            flushers=settings.batch_flushers,
+        )
+        committer.start()
+        app.state.relay = Relay(settings=settings, pool=pool, committer=committer, clock=clock)
         try:
             yield
         finally:
+            # Every event already accepted is committed before the pool goes away.
+            await committer.close()
             await pool.close()
 
     return Litestar(

@@ -12,13 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from relay.batching import Result, Unstorable
 from relay.events import Event, UndecodableEvent, decode_event, split_body
 from relay.handlers import Outcome
-from relay.settings import DeleteMode
-from relay.store import Connection, apply_events, record_dead_letter
+from relay.store import Connection, record_dead_letter
 
 # Only these request headers are kept with a dead letter: never credentials or signatures.
 DIAGNOSTIC_HEADERS = frozenset(
@@ -34,22 +33,19 @@ class EventResult:
     error: str | None = None
 
 
-class _DeadLetter(Protocol):
-    async def __call__(self, raw: bytes, error: str, event_id: str | None = None) -> EventResult: ...
+class Applier(Protocol):
+    """Applies decoded events and answers once they are committed: the group committer, or a direct call."""
 
-
-def is_unstorable(error: psycopg.Error) -> bool:
-    """PostgreSQL refused the event's content itself (SQLSTATE class 22 or 54): retrying cannot help."""
-    return isinstance(error, psycopg.DataError) or (error.sqlstate or "")[:2] in ("22", "54")
+    async def __call__(self, events: Sequence[Event]) -> list[Result]: ...
 
 
 async def ingest_body(
     pool: AsyncConnectionPool[Connection],
+    apply: Applier,
     *,
     route: str,
     headers: Mapping[str, str],
     body: bytes,
-    delete_mode: DeleteMode,
     expected_event_id: str | None = None,
 ) -> list[EventResult]:
     """Decodes, applies and records every event of an authenticated request body."""
@@ -81,34 +77,10 @@ async def ingest_body(
             continue
         decoded.append((index, raw, event))
 
-    for index, result in await _apply(pool, decoded, delete_mode, dead_letter):
-        results[index] = result
+    applied = await apply([event for _, _, event in decoded]) if decoded else []
+    for (index, raw, event), result in zip(decoded, applied, strict=True):
+        if isinstance(result, Unstorable):
+            results[index] = await dead_letter(raw, result.error, event.id)
+        else:
+            results[index] = EventResult(event.id, result)
     return [result for result in results if result is not None]
-
-
-async def _apply(
-    pool: AsyncConnectionPool[Connection],
-    decoded: Sequence[tuple[int, bytes, Event]],
-    delete_mode: DeleteMode,
-    dead_letter: _DeadLetter,
-) -> list[tuple[int, EventResult]]:
-    if not decoded:
-        return []
-    try:
-        async with pool.connection() as conn:
-            outcomes = await apply_events(conn, [event for _, _, event in decoded], delete_mode)
-    except psycopg.Error as error:
-        if not is_unstorable(error):
-            raise
-        if len(decoded) > 1:
-            # Find the culprit: each event on its own, so its batch-mates are still applied.
-            isolated = []
-            for item in decoded:
-                isolated.extend(await _apply(pool, [item], delete_mode, dead_letter))
-            return isolated
-        index, raw, event = decoded[0]
-        return [(index, await dead_letter(raw, f"PostgreSQL refused the event: {error}", event.id))]
-    return [
-        (index, EventResult(event.id, outcome))
-        for (index, _, event), outcome in zip(decoded, outcomes, strict=True)
-    ]

@@ -53,6 +53,14 @@ class Settings:
     """Most PostgreSQL connections this process holds."""
     db_timeout_seconds: float = 2.0
     """Longest wait for a pooled connection before answering 503, kept well inside Auth0's retry budget."""
+    batch_max_events: int = 500
+    """Most events committed in one transaction; 1 gives one transaction per event."""
+    batch_max_wait_ms: float = 1.0
+    """How long a batch may wait for more events once it has one; 0 takes only what is already queued."""
+    batch_flushers: int = 2
+    """Batches committed at the same time (each holds one pooled connection)."""
+    queue_max_events: int = 2000
+    """Events that may wait for a commit; beyond that the relay answers 503 instead of queueing more."""
     data_dir: Path = field(default_factory=lambda: Path(".data"))
     """Where the embedded PostgreSQL and the generated development credentials live."""
     log_level: str = "INFO"
@@ -99,6 +107,10 @@ class Settings:
             delete_mode=delete_mode,  # type: ignore[arg-type]  # checked just above
             pool_size=_integer(env, "RELAY_DB_POOL_SIZE", 10, 1, 1000),
             db_timeout_seconds=_number(env, "RELAY_DB_TIMEOUT_SECONDS", 2.0, 0.1, 30.0),
+            batch_max_events=_integer(env, "RELAY_BATCH_MAX_EVENTS", 500, 1, 10_000),
+            batch_max_wait_ms=_number(env, "RELAY_BATCH_MAX_WAIT_MS", 1.0, 0.0, 1000.0),
+            batch_flushers=_integer(env, "RELAY_BATCH_FLUSHERS", 2, 1, 64),
+            queue_max_events=_integer(env, "RELAY_QUEUE_MAX_EVENTS", 2000, 1, 1_000_000),
             data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
             log_level=log_level,
         )

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.batching import GroupCommitter
 from relay.events import SNAPSHOT_FIELDS, decode_event
 from relay.handlers import SCRUB_KEPT_FIELDS, UserState, apply_event
 from relay.store import apply_events
@@ -194,7 +195,54 @@ async def test_store_converges_with_concurrent_connections(
                 await apply_events(conn, lane[start : start + batch_size], delete_mode)
 
     await asyncio.gather(*(deliver(lane) for lane in lanes))
+    assert_copy_matches(database, events, prefix, delete_mode, len(history))
 
+
+@pytest.mark.anyio
+@settings(
+    max_examples=DB_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    delivery=deliveries(),
+    delete_mode=st.sampled_from(["soft", "scrub"]),
+    max_events=st.integers(1, 6),
+    max_wait_ms=st.sampled_from([0.0, 1.0]),
+    flushers=st.integers(1, 3),
+)
+async def test_group_commit_converges_with_concurrent_requests(
+    pool: Any,
+    database: Any,
+    delivery: tuple[list[Spec], list[int]],
+    delete_mode: Any,
+    max_events: int,
+    max_wait_ms: float,
+    flushers: int,
+) -> None:
+    history, order = delivery
+    prefix = secrets.token_hex(4)
+    events = to_cloudevents(history, prefix)
+    committer = GroupCommitter(
+        pool,
+        delete_mode,
+        max_events=max_events,
+        max_wait_seconds=max_wait_ms / 1000,
+        max_queued_events=1000,
+        flushers=flushers,
+    )
+    committer.start()
+    # Every delivery is its own concurrent request, as when Auth0 posts them in parallel.
+    requests = [committer.apply([decode_event(json.dumps(events[index]).encode())]) for index in order]
+    answers = await asyncio.gather(*requests)
+    await committer.close()
+    assert all(len(answer) == 1 for answer in answers)
+    assert_copy_matches(database, events, prefix, delete_mode, len(history))
+
+
+def assert_copy_matches(
+    database: Any, events: list[dict[str, Any]], prefix: str, delete_mode: str, event_count: int
+) -> None:
     expected = expected_users(events, delete_mode)
     rows = database.query(
         "SELECT user_id, profile, deleted_at, last_event_processed, last_event_id, email "
@@ -212,7 +260,7 @@ async def test_store_converges_with_concurrent_connections(
     ledger = database.query(
         "SELECT count(*) FROM processed_events WHERE event_id LIKE %s", [f"evt_{prefix}%"]
     )
-    assert ledger == [(len(history),)]
+    assert ledger == [(event_count,)]
 
 
 def cloudevent(event_id: str, kind: str, millis: int, **fields: Any) -> bytes:
