@@ -118,6 +118,8 @@ _user_data_decoder = msgspec.json.Decoder(UserEventData)
 _profile_decoder = msgspec.json.Decoder(dict[str, Any])
 _body_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _KINDS = {kind.value: kind for kind in EventKind}
+# msgspec reports invalid UTF-8 inside a JSON string as UnicodeDecodeError, not as a DecodeError.
+_DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 def split_body(body: bytes) -> list[bytes]:
@@ -125,7 +127,7 @@ def split_body(body: bytes) -> list[bytes]:
     if body.lstrip()[:1] == b"[":
         try:
             return [bytes(item) for item in _body_items_decoder.decode(body)]
-        except (msgspec.DecodeError, RecursionError) as error:
+        except _DECODE_ERRORS as error:
             raise UndecodableEvent(f"body is not a JSON array of events: {error}") from None
     return [body]
 
@@ -134,7 +136,7 @@ def decode_event(raw: bytes) -> Event:
     """Decodes one CloudEvent, or raises `UndecodableEvent` saying what is wrong with it."""
     try:
         envelope = _envelope_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError) as error:
+    except _DECODE_ERRORS as error:
         raise UndecodableEvent(f"not a CloudEvent: {_describe(error)}") from None
 
     event_type = envelope.type.removeprefix("com.auth0.")
@@ -152,7 +154,7 @@ def decode_event(raw: bytes) -> Event:
         object_json = _user_data_decoder.decode(envelope.data).object
         checked = msgspec.json.decode(object_json, type=UserObject)
         profile = _profile_decoder.decode(object_json)
-    except (msgspec.DecodeError, RecursionError) as error:
+    except _DECODE_ERRORS as error:
         raise UndecodableEvent(f"{event_type} data.object is not an Auth0 user: {_describe(error)}") from None
     if kind is EventKind.DELETED:
         deleted_at = checked.deleted_at if isinstance(checked.deleted_at, datetime) else envelope.time
@@ -174,7 +176,7 @@ def _peek_user_id(data: msgspec.Raw) -> str | None:
     try:
         found = msgspec.json.decode(data, type=UserEventData).object
         user_id = msgspec.json.decode(found, type=dict[str, Any]).get("user_id")
-    except (msgspec.DecodeError, RecursionError):
+    except _DECODE_ERRORS:
         return None
     return user_id if isinstance(user_id, str) and 0 < len(user_id) <= 512 else None
 
@@ -182,4 +184,6 @@ def _peek_user_id(data: msgspec.Raw) -> str | None:
 def _describe(error: Exception) -> str:
     if isinstance(error, RecursionError):
         return "JSON nested too deeply"
+    if isinstance(error, UnicodeDecodeError):
+        return "a JSON string is not valid UTF-8"
     return str(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 DeleteMode = Literal["soft", "scrub"]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 # Standard Webhooks secrets carry 24 to 64 random bytes; fewer is too weak to accept.
 _MIN_SECRET_BYTES = 24
@@ -79,10 +84,16 @@ class Settings:
             return value or None
 
         schema = text("RELAY_DB_SCHEMA") or "auth0"
-        if not _SCHEMA_NAME.fullmatch(schema):
+        # PostgreSQL reserves the pg_ prefix: CREATE SCHEMA would fail with a traceback at migration time.
+        if not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
             raise ConfigError(
                 f"RELAY_DB_SCHEMA: expected a lower-case PostgreSQL identifier "
-                f"(letters, digits, underscore), got {schema!r}"
+                f"(letters, digits, underscore; not starting with pg_), got {schema!r}"
+            )
+        host = text("RELAY_HOST") or "127.0.0.1"
+        if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+            raise ConfigError(
+                f"RELAY_HOST: expected an IP address or host name (no scheme, no port), got {host!r}"
             )
         delete_mode = text("RELAY_DELETE_MODE") or "soft"
         if delete_mode not in ("soft", "scrub"):
@@ -92,7 +103,7 @@ class Settings:
             raise ConfigError(f"RELAY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
 
         return cls(
-            database_url=text("DATABASE_URL"),
+            database_url=_database_url(text("DATABASE_URL")),
             signing_secrets=tuple(
                 decode_signing_secret(s, "RELAY_SIGNING_SECRETS")
                 for s in _items(text("RELAY_SIGNING_SECRETS"))
@@ -101,7 +112,7 @@ class Settings:
             webhook_basic=tuple(_basic_pairs(text("RELAY_WEBHOOK_BASIC"))),
             webhook_headers=tuple(_header_pairs(text("RELAY_WEBHOOK_HEADER"))),
             db_schema=schema,
-            host=text("RELAY_HOST") or "127.0.0.1",
+            host=host,
             port=_integer(env, "RELAY_PORT", 8000, 1, 65535),
             max_body_bytes=_integer(env, "RELAY_MAX_BODY_BYTES", 256 * 1024, 1024, 64 * 1024 * 1024),
             delete_mode=delete_mode,  # type: ignore[arg-type]  # checked just above
@@ -114,6 +125,26 @@ class Settings:
             data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
             log_level=log_level,
         )
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            conninfo_to_dict(value)
+        except psycopg.Error:
+            # libpq's own message quotes the string, password included: never pass it on.
+            raise ConfigError(
+                "DATABASE_URL: expected a libpq URI such as postgresql://user:password@host:5432/dbname"
+            ) from None
+    return value
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def decode_signing_secret(secret: str, variable: str) -> bytes:

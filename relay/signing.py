@@ -8,7 +8,6 @@ that is safe to send back (it never echoes a credential).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
@@ -49,7 +48,8 @@ def verify_standard_webhook(
         if not value:
             raise Rejected(f"missing {name} header")
     assert message_id is not None and timestamp_text is not None and signature_header is not None
-    if not timestamp_text.isdigit() or len(timestamp_text) > 12:
+    # isascii(): str.isdigit() also accepts "²³" (latin-1, so it can arrive in a header), which int() refuses.
+    if not (timestamp_text.isascii() and timestamp_text.isdigit()) or len(timestamp_text) > 12:
         raise Rejected("webhook-timestamp is not a Unix time in seconds")
     timestamp = int(timestamp_text)
     if abs(now - timestamp) > TIMESTAMP_TOLERANCE_SECONDS:
@@ -62,7 +62,7 @@ def verify_standard_webhook(
             continue  # other schemes (v1a, future versions) are not ours to judge
         try:
             offered.append(base64.b64decode(encoded, validate=True))
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str that is not ASCII
             continue
     if not offered:
         raise Rejected("webhook-signature has no v1 signature")
@@ -100,7 +100,7 @@ def verify_webhook_credentials(
         presented = True
         try:
             pair = base64.b64decode(credential, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str that is not ASCII
             raise Rejected("Authorization Basic credential is not base64") from None
         for allowed in basic:
             matched |= hmac.compare_digest(pair, allowed.encode())
