@@ -8,7 +8,7 @@ VENV := .venv
 SYNCED := $(VENV)/.synced
 NODE_TOOLS := action/node_modules/.installed
 
-.PHONY: run test lint typecheck test-python test-action migrate sample clean
+.PHONY: run test lint typecheck test-python test-action migrate sample bench clean
 
 run: $(SYNCED)
 	$(VENV)/bin/relay serve --migrate
@@ -33,6 +33,11 @@ migrate: $(SYNCED)
 
 sample: $(SYNCED)
 	$(VENV)/bin/relay send-sample
+
+# Throughput side by side: ceiling, one transaction per event, group commit. Installs wrk when missing.
+bench: $(SYNCED)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(VENV)/bin/python bench/run.py $(ARGS)
 
 $(UV):
 	$(PYTHON) -m venv .tools
