@@ -8,7 +8,7 @@ VENV := .venv
 SYNCED := $(VENV)/.synced
 NODE_TOOLS := action/node_modules/.installed
 
-.PHONY: run test lint typecheck test-python test-action migrate sample bench clean
+.PHONY: run test lint typecheck test-python test-action migrate sample deploy-action bench clean
 
 run: $(SYNCED)
 	$(VENV)/bin/relay serve --migrate
@@ -33,6 +33,9 @@ migrate: $(SYNCED)
 
 sample: $(SYNCED)
 	$(VENV)/bin/relay send-sample
+
+deploy-action: $(SYNCED)
+	$(VENV)/bin/relay deploy-action $(ARGS)
 
 # Throughput side by side: ceiling, one transaction per event, group commit. Installs wrk when missing.
 bench: $(SYNCED)

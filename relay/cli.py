@@ -1,4 +1,5 @@
-"""The `relay` console script: `serve`, `migrate`, and `send-sample` for a first look."""
+"""The `relay` console script: `serve`, `migrate`, `send-sample` for a first look, and the Auth0 tasks
+`deploy-action` and `verify`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -15,6 +17,8 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import psycopg
 
 from relay.settings import ConfigError, Settings, decode_signing_secret
 
@@ -31,6 +35,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample = commands.add_parser("send-sample", help="post a signed sample user.created event to a relay")
     sample.add_argument("--url", default="http://127.0.0.1:8000", help="the relay's base URL")
     sample.add_argument("--email", default="jane@example.com", help="the sample user's email")
+    deploy = commands.add_parser(
+        "deploy-action", help="create or update the Auth0 Action, deploy it, and bind an event stream to it"
+    )
+    deploy.add_argument("--name", default="user-sync-relay", help="the Action's name")
+    deploy.add_argument("--stream-name", default="user-sync-relay", help="the event stream's name")
+    deploy.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    verify = commands.add_parser(
+        "verify",
+        help="create, rename and delete a throw-away Auth0 user and wait for each change in PostgreSQL",
+    )
+    verify.add_argument("--connection", required=True, help="the database connection to create the user in")
+    verify.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each change")
 
     args = parser.parse_args(argv)
     try:
@@ -40,10 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, migrate_first=args.migrate)
         if args.command == "migrate":
             return _migrate(settings)
+        if args.command == "deploy-action":
+            return _deploy_action(args.name, args.stream_name, dry_run=args.dry_run)
+        if args.command == "verify":
+            return _verify(settings, args.connection, args.timeout)
         return _send_sample(settings, args.url, args.email)
     except ConfigError as error:
-        print(f"relay: configuration error: {error}", file=sys.stderr)
+        # One line per problem: deploy-action names every missing variable at once.
+        for line in str(error).splitlines():
+            print(f"relay: configuration error: {line}", file=sys.stderr)
         return 2
+    except psycopg.OperationalError as error:
+        # libpq names the host and port, never the password; its first line is the cause.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"relay: cannot use the PostgreSQL at DATABASE_URL: {reason}", file=sys.stderr)
+        return 1
 
 
 def _database(settings: Settings) -> tuple[str, str | None]:
@@ -65,6 +92,21 @@ def _migrate(settings: Settings) -> int:
         print(f"applied {migration.version:04d}_{migration.name}")
     print(f"schema {settings.db_schema!r} is up to date")
     return 0
+
+
+def _deploy_action(name: str, stream_name: str, *, dry_run: bool) -> int:
+    from relay.auth0.deploy import deploy_action
+
+    return deploy_action(os.environ, name=name, stream_name=stream_name, dry_run=dry_run)
+
+
+def _verify(settings: Settings, connection: str, timeout: float) -> int:
+    from relay.auth0.management import credentials_from_env
+    from relay.auth0.verify import verify_synchronization
+
+    credentials = credentials_from_env(os.environ)
+    conninfo, _ = _database(settings)
+    return verify_synchronization(credentials, conninfo, settings, connection=connection, timeout=timeout)
 
 
 def _serve(settings: Settings, *, migrate_first: bool) -> int:

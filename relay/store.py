@@ -60,6 +60,11 @@ VALUES (%(route)s, %(body)s, %(headers)s, %(error)s)
 RETURNING id
 """
 
+# `relay verify` watches one user's row appear, change and become a tombstone.
+FIND_USER = """
+SELECT name, deleted_at FROM users WHERE user_id = %(user_id)s
+"""
+
 CHECK_READY = """
 SELECT coalesce(max(version), 0) FROM schema_migrations
 """

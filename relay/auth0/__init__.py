@@ -1,0 +1,1 @@
+"""Work against an Auth0 tenant's Management API: deploy the Action, verify synchronization."""
