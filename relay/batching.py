@@ -26,6 +26,8 @@ from relay.store import Connection, apply_events
 
 log = logging.getLogger("relay.batching")
 
+DEADLOCK_ATTEMPTS = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Unstorable:
@@ -52,8 +54,17 @@ async def apply_isolating(
     """Applies events in one transaction; if PostgreSQL refuses one of them, finds it by applying each
     on its own, so its batch-mates are still applied."""
     try:
-        async with pool.connection() as conn:
-            return list(await apply_events(conn, events, delete_mode))
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with pool.connection() as conn:
+                    return list(await apply_events(conn, events, delete_mode))
+            except psycopg.errors.DeadlockDetected:
+                # Possible only when two batches race to create the same new users while holding other
+                # locks; PostgreSQL has rolled one back, and running it again is safe.
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.info("batch of %d events chosen as a deadlock victim; retrying", len(events))
+        raise AssertionError("unreachable")
     except psycopg.Error as error:
         if not is_unstorable(error):
             raise

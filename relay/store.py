@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
-from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from relay.events import Event, OtherEvent, UserEvent
@@ -22,34 +22,53 @@ from relay.settings import DeleteMode, Settings
 
 Connection = AsyncConnection[Any]
 
-# Locks every user of the batch, creating an empty row for a user seen for the first time. One statement,
-# rows in user_id order: the deterministic lock order that keeps concurrent batches from deadlocking.
+# Locks the batch's known users, in user_id order: the deterministic lock order that keeps concurrent
+# batches (and replicas) queueing on each other instead of deadlocking.
 LOCK_USERS = """
-INSERT INTO users (user_id)
-SELECT user_id FROM unnest(%(user_ids)s::text[]) AS batch(user_id) ORDER BY user_id
-ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
-RETURNING user_id, profile, merge_state, deleted_at
+SELECT user_id, profile, merge_state, deleted_at
+  FROM users
+ WHERE user_id = ANY(%(user_ids)b::text[])
+ ORDER BY user_id
+   FOR UPDATE
+"""
+
+# Users seen for the first time, inserted in user_id order. A row another transaction inserted meanwhile is
+# left alone and missing from the answer: the caller locks it and merges again.
+INSERT_USERS = """
+INSERT INTO users (user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
+SELECT user_id, profile::jsonb, merge_state::jsonb, deleted_at, last_event_processed, last_event_id
+  FROM unnest(%(user_ids)b::text[], %(profiles)b::text[], %(merge_states)b::text[],
+              %(deleted_ats)b::timestamptz[], %(last_event_times)b::timestamptz[], %(last_event_ids)b::text[])
+       AS batch(user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
+ ORDER BY user_id
+ON CONFLICT (user_id) DO NOTHING
+RETURNING user_id
+"""
+
+# One statement for the whole batch. The arrays are sent in binary (`%(…)b`): no quoting or escaping of the
+# JSON inside them, so each row costs one JSON encoding and nothing more.
+UPDATE_USERS = """
+UPDATE users
+   SET profile = batch.profile::jsonb,
+       merge_state = batch.merge_state::jsonb,
+       deleted_at = batch.deleted_at,
+       last_event_processed = batch.last_event_processed,
+       last_event_id = batch.last_event_id
+  FROM unnest(%(user_ids)b::text[], %(profiles)b::text[], %(merge_states)b::text[],
+              %(deleted_ats)b::timestamptz[], %(last_event_times)b::timestamptz[], %(last_event_ids)b::text[])
+       AS batch(user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
+ WHERE users.user_id = batch.user_id
 """
 
 FIND_PROCESSED = """
-SELECT event_id FROM processed_events WHERE event_id = ANY(%(event_ids)s::text[])
-"""
-
-SAVE_USER = """
-UPDATE users
-   SET profile = %(profile)s,
-       merge_state = %(merge_state)s,
-       deleted_at = %(deleted_at)s,
-       last_event_processed = %(last_event_processed)s,
-       last_event_id = %(last_event_id)s
- WHERE user_id = %(user_id)s
+SELECT event_id FROM processed_events WHERE event_id = ANY(%(event_ids)b::text[])
 """
 
 # Returns the ids it recorded; an id missing from the answer was recorded concurrently: a duplicate.
 RECORD_EVENTS = """
 INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
-SELECT * FROM unnest(%(event_ids)s::text[], %(event_types)s::text[], %(user_ids)s::text[],
-                     %(event_times)s::timestamptz[], %(outcomes)s::text[])
+SELECT * FROM unnest(%(event_ids)b::text[], %(event_types)b::text[], %(user_ids)b::text[],
+                     %(event_times)b::timestamptz[], %(outcomes)b::text[])
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
@@ -75,10 +94,9 @@ def _dump_json(value: Any) -> str:
 
 
 async def _configure(conn: Connection) -> None:
-    # msgspec writes the JSON columns several times faster than the standard library.
-    from psycopg.types.json import set_json_dumps
-
+    # msgspec reads and writes the JSON columns several times faster than the standard library.
     set_json_dumps(_dump_json, context=conn)
+    set_json_loads(msgspec.json.decode, context=conn)
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
@@ -115,29 +133,36 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
     fresh = [(index, events[index]) for index in first_index.values()]
 
     async with conn.transaction(), conn.cursor() as cursor:
-        user_ids = sorted({event.user_id for _, event in fresh if isinstance(event, UserEvent)})
-        states: dict[str, UserState] = {}
-        if user_ids:
-            await cursor.execute(LOCK_USERS, {"user_ids": user_ids})
-            for user_id, profile, merge_state, deleted_at in await cursor.fetchall():
-                states[user_id] = UserState.from_stored(user_id, profile, merge_state, deleted_at)
-
         await cursor.execute(FIND_PROCESSED, {"event_ids": [event.id for _, event in fresh]})
         already_processed = {row[0] for row in await cursor.fetchall()}
-
-        changed: set[str] = set()
         # Version order within the batch, so outcomes read as they would had the events come one by one.
+        by_user: dict[str, list[tuple[int, UserEvent]]] = {}
         for index, event in sorted(fresh, key=lambda item: _sort_key(item[1])):
             if event.id in already_processed:
                 outcomes[index] = Outcome.DUPLICATE
             elif isinstance(event, OtherEvent):
                 outcomes[index] = Outcome.TEST if event.is_test else Outcome.IGNORED
             else:
-                outcomes[index] = apply_event(states[event.user_id], event, delete_mode)
-                changed.add(event.user_id)
+                by_user.setdefault(event.user_id, []).append((index, event))
 
-        if changed:
-            await cursor.executemany(SAVE_USER, [_saved_row(states[user_id]) for user_id in sorted(changed)])
+        if by_user:
+            stored = await _lock_users(cursor, sorted(by_user))
+            new_users = sorted(by_user.keys() - stored.keys())
+            if new_users:
+                states = {
+                    user_id: _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
+                    for user_id in new_users
+                }
+                await cursor.execute(INSERT_USERS, _user_columns(states[user_id] for user_id in new_users))
+                inserted = {row[0] for row in await cursor.fetchall()}
+                # Inserted meanwhile by a concurrent batch: lock it now and merge over what that batch wrote.
+                stored |= await _lock_users(cursor, sorted(set(new_users) - inserted))
+            if stored:
+                merged = [
+                    _merge(state, by_user[user_id], outcomes, delete_mode)
+                    for user_id, state in stored.items()
+                ]
+                await cursor.execute(UPDATE_USERS, _user_columns(merged))
 
         to_record = [(index, event) for index, event in fresh if outcomes[index] is not Outcome.DUPLICATE]
         if to_record:
@@ -148,6 +173,27 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
                     outcomes[index] = Outcome.DUPLICATE
 
     return [outcome if outcome is not None else Outcome.DUPLICATE for outcome in outcomes]
+
+
+async def _lock_users(cursor: AsyncCursor[Any], user_ids: list[str]) -> dict[str, UserState]:
+    if not user_ids:
+        return {}
+    await cursor.execute(LOCK_USERS, {"user_ids": user_ids})
+    return {
+        user_id: UserState.from_stored(user_id, profile, merge_state, deleted_at)
+        for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
+    }
+
+
+def _merge(
+    state: UserState,
+    user_events: list[tuple[int, UserEvent]],
+    outcomes: list[Outcome | None],
+    delete_mode: DeleteMode,
+) -> UserState:
+    for index, event in user_events:
+        outcomes[index] = apply_event(state, event, delete_mode)
+    return state
 
 
 async def record_dead_letter(
@@ -174,16 +220,24 @@ def _sort_key(event: Event) -> tuple[int, str]:
     return version_of(event) if isinstance(event, UserEvent) else (0, event.id)
 
 
-def _saved_row(state: UserState) -> dict[str, Any]:
-    last = state.last_version
-    return {
-        "user_id": state.user_id,
-        "profile": Jsonb(state.profile),
-        "merge_state": Jsonb(state.to_merge_state()),
-        "deleted_at": state.deleted_at,
-        "last_event_processed": from_micros(last[0]) if last else None,
-        "last_event_id": last[1] if last else None,
+def _user_columns(states: Iterable[UserState]) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {
+        "user_ids": [],
+        "profiles": [],
+        "merge_states": [],
+        "deleted_ats": [],
+        "last_event_times": [],
+        "last_event_ids": [],
     }
+    for state in states:
+        last = state.last_version
+        columns["user_ids"].append(state.user_id)
+        columns["profiles"].append(_dump_json(state.profile))
+        columns["merge_states"].append(_dump_json(state.to_merge_state()))
+        columns["deleted_ats"].append(state.deleted_at)
+        columns["last_event_times"].append(from_micros(last[0]) if last else None)
+        columns["last_event_ids"].append(last[1] if last else None)
+    return columns
 
 
 def _ledger_rows(
