@@ -49,9 +49,9 @@ async def ingest_body(
     expected_event_id: str | None = None,
 ) -> list[EventResult]:
     """Decodes, applies and records every event of an authenticated request body."""
-    kept_headers = {name: value for name, value in headers.items() if name.lower() in DIAGNOSTIC_HEADERS}
 
     async def dead_letter(raw: bytes, error: str, event_id: str | None = None) -> EventResult:
+        kept_headers = {name: value for name, value in headers.items() if name.lower() in DIAGNOSTIC_HEADERS}
         async with pool.connection() as conn:
             letter_id = await record_dead_letter(conn, route, raw, kept_headers, error)
         return EventResult(event_id, Outcome.DEAD_LETTERED, letter_id, error)

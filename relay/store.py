@@ -8,6 +8,8 @@ ledger row that records the event, so an event is applied and recorded together 
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -99,6 +101,22 @@ async def _configure(conn: Connection) -> None:
     set_json_loads(msgspec.json.decode, context=conn)
 
 
+# A connection back in use within this many seconds is trusted without a round trip to check it.
+_TRUSTED_IDLE_SECONDS = 1.0
+_returned_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+
+
+async def _note_returned(conn: Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: Connection) -> None:
+    """Replaces a connection that died while idle (PostgreSQL restarted) before a batch gets it, instead of
+    failing that batch; one that was in use a moment ago is not worth a round trip under load."""
+    if time.monotonic() - _returned_at.get(conn, 0.0) > _TRUSTED_IDLE_SECONDS:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 def connection_options(settings: Settings) -> dict[str, Any]:
     """libpq options for every relay connection: the relay's schema first on the search path."""
     # db_schema is validated as a plain identifier, so it is safe inside the options string.
@@ -112,9 +130,8 @@ def create_pool(conninfo: str, settings: Settings) -> AsyncConnectionPool[Connec
         min_size=1,
         max_size=settings.pool_size,
         timeout=settings.db_timeout_seconds,
-        # A connection that died while idle (PostgreSQL restarted) is replaced before a request gets it,
-        # instead of failing that request.
-        check=AsyncConnectionPool.check_connection,
+        check=_check_if_idle,
+        reset=_note_returned,
         kwargs=connection_options(settings),
         configure=_configure,
         name="relay",
