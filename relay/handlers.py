@@ -55,15 +55,25 @@ def from_micros(micros: int) -> datetime:
 
 @dataclass(slots=True)
 class UserState:
-    """A user as stored, with the versions that make merging order-independent."""
+    """A user as stored, with the versions that make merging order-independent.
+
+    A profile field written by the newest snapshot carries that snapshot's version; only fields written
+    since (by partial events) keep a version of their own, which keeps the stored bookkeeping small.
+    """
 
     user_id: str
     profile: dict[str, Any] = field(default_factory=dict)
-    field_versions: dict[str, Version] = field(default_factory=dict)
+    field_versions: dict[str, Version] = field(default_factory=dict)  # fields newer than the snapshot
     snapshot_version: Version | None = None  # writes older than this no longer count
     lifecycle_version: Version | None = None  # the newest user.created or user.deleted
     deleted_at: datetime | None = None
     last_version: Version | None = None  # the newest event applied, of any kind
+
+    def written(self, name: str) -> Version | None:
+        """The version of the event that wrote field `name`, if it is in the profile."""
+        if name not in self.profile:
+            return None
+        return self.field_versions.get(name, self.snapshot_version)
 
     def to_merge_state(self) -> dict[str, Any]:
         """The bookkeeping stored in `users.merge_state` (JSON)."""
@@ -105,15 +115,19 @@ def apply_event(state: UserState, event: UserEvent, delete_mode: DeleteMode) -> 
         replaces = event.is_snapshot and event.kind is not EventKind.DELETED
 
     if replaces and (state.snapshot_version is None or version > state.snapshot_version):
-        for name in [name for name, written in state.field_versions.items() if written < version]:
-            del state.profile[name], state.field_versions[name]
+        # Everything written before this snapshot goes; fields written after it stay.
+        state.field_versions = {name: v for name, v in state.field_versions.items() if v > version}
+        state.profile = {name: value for name, value in state.profile.items() if name in state.field_versions}
         state.snapshot_version = version
     floor = state.snapshot_version
     for name, value in fields.items():
-        written = state.field_versions.get(name)
+        written = state.written(name)
         if (floor is None or version >= floor) and (written is None or version > written):
             state.profile[name] = value
-            state.field_versions[name] = version
+            if version == floor:
+                state.field_versions.pop(name, None)
+            else:
+                state.field_versions[name] = version
 
     if event.kind is not EventKind.UPDATED and (
         state.lifecycle_version is None or version > state.lifecycle_version
