@@ -1,0 +1,142 @@
+"""Metrics and structured logs: what an operator needs to see trouble before Auth0 disables the stream.
+
+Auth0 disables a stream after 500 consecutive or 5000 total failed deliveries, so the signals that matter
+are the relay's answers (HTTP metrics from Litestar's Prometheus plugin), what became of each event, why
+requests were refused, how far behind the events are, and whether PostgreSQL keeps up (batches, commit
+time, queue depth, pool). Logs are one JSON line per request and never carry a profile field, a credential
+or a signature: only ids, types, outcomes and timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgspec
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from psycopg_pool import AsyncConnectionPool
+
+EVENTS = Counter(
+    "relay_events_total",
+    "Events by type and outcome (applied, tombstoned, stale, duplicate, test, ignored, dead_lettered).",
+    ["type", "outcome"],
+)
+AUTH_FAILURES = Counter(
+    "relay_auth_failures_total", "Requests refused with 401, by route and reason.", ["route", "reason"]
+)
+UNAVAILABLE = Counter(
+    "relay_unavailable_total",
+    "Requests answered 503, by cause (database, saturated, not_migrated).",
+    ["cause"],
+)
+BATCH_SIZE = Histogram(
+    "relay_batch_events",
+    "Events committed per transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+COMMIT_SECONDS = Histogram(
+    "relay_commit_seconds",
+    "Time to apply and commit one batch.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+ACK_SECONDS = Histogram(
+    "relay_ack_seconds",
+    "From a request's arrival to its answer, for requests that carried events.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENT_LAG_SECONDS = Histogram(
+    "relay_event_lag_seconds",
+    "Now minus the event's `time`, when it is committed: how far behind Auth0 the copy runs.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 86400),
+)
+
+_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
+_queues: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _RuntimeCollector(Collector):
+    """Pool statistics and queue depth, read when Prometheus scrapes."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats: dict[str, float] = {}
+        for pool in list(_pools):
+            for key, value in pool.get_stats().items():
+                stats[key] = stats.get(key, 0) + value
+        for key, help_text in (
+            ("pool_size", "Connections the pool holds, busy or idle."),
+            ("pool_available", "Idle connections ready for a batch."),
+            ("requests_waiting", "Callers waiting for a connection."),
+        ):
+            yield GaugeMetricFamily(f"relay_db_{key}", help_text, value=stats.get(key, 0))
+        for key, help_text in (
+            ("requests_errors", "Connection requests that failed (timeouts, refused), since start."),
+            ("connections_lost", "Connections found broken, since start."),
+            ("connections_errors", "Failed attempts to open a connection, since start."),
+        ):
+            yield GaugeMetricFamily(f"relay_db_{key}", help_text, value=stats.get(key, 0))
+        yield GaugeMetricFamily(
+            "relay_queue_events",
+            "Events waiting for a commit (503 beyond RELAY_QUEUE_MAX_EVENTS).",
+            value=sum(queue.queued_events for queue in list(_queues)),
+        )
+
+
+REGISTRY.register(_RuntimeCollector())
+
+
+def watch_pool(pool: AsyncConnectionPool[Any]) -> None:
+    _pools.add(pool)
+
+
+def watch_queue(queue: Any) -> None:
+    """`queue` has a `queued_events` attribute (the group committer)."""
+    _queues.add(queue)
+
+
+def count_events(results: Iterable[tuple[str, str]]) -> None:
+    for event_type, outcome in results:
+        EVENTS.labels(event_type, outcome).inc()
+
+
+def observe_lag(event_times: Iterable[float]) -> None:
+    now = time.time()
+    for moment in event_times:
+        EVENT_LAG_SECONDS.observe(max(0.0, now - moment))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's `fields`, if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        return msgspec.json.encode(line).decode()
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the relay, uvicorn and the pool, at `level`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
