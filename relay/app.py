@@ -18,12 +18,14 @@ import psycopg
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import Response
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from relay.batching import GroupCommitter, Saturated
 from relay.ingest import Applier, EventResult, ingest_body
 from relay.migrations import latest_version
+from relay.observability import ACK_SECONDS, AUTH_FAILURES, UNAVAILABLE, watch_pool, watch_queue
 from relay.settings import Settings
 from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
 from relay.store import Connection, create_pool, migrated_version
@@ -75,26 +77,59 @@ def _accepted(results: list[EventResult]) -> Response[dict[str, Any]]:
     return Response({"events": events}, status_code=200)
 
 
-async def _ingest(request: Request[Any, Any, Any], relay: Relay, route: str, **options: Any) -> Response[Any]:
-    body = await request.body()
+async def _ingest(
+    request: Request[Any, Any, Any], relay: Relay, route: str, body: bytes, **options: Any
+) -> Response[Any]:
+    started = time.perf_counter()
     try:
         results = await ingest_body(
             relay.pool, relay.apply, route=route, headers=request.headers, body=body, **options
         )
     except Saturated as saturated:
-        log.warning("queue full (%s); answered 503", saturated)
-        return _unavailable("relay saturated; retry later")
+        return _unavailable_because(route, "saturated", "relay saturated; retry later", str(saturated))
     except (PoolTimeout, TooManyRequests):
-        log.warning("no database connection within %.1f s; answered 503", relay.settings.db_timeout_seconds)
-        return _unavailable("database busy or unavailable; retry later")
+        detail = f"no database connection within {relay.settings.db_timeout_seconds} s"
+        return _unavailable_because(route, "database", "database busy or unavailable; retry later", detail)
     except psycopg.OperationalError as error:
-        log.warning("database unavailable (%s); answered 503", type(error).__name__)
-        return _unavailable("database unavailable; retry later")
+        detail = type(error).__name__
+        return _unavailable_because(route, "database", "database unavailable; retry later", detail)
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         # A replica that started before `relay migrate` ran: retryable once an operator migrates.
-        log.error("the relay's tables are missing from schema %r; answered 503", relay.settings.db_schema)
-        return _unavailable("database not migrated: run `relay migrate`")
+        detail = f"the relay's tables are missing from schema {relay.settings.db_schema!r}"
+        return _unavailable_because(
+            route, "not_migrated", "database not migrated: run `relay migrate`", detail
+        )
+    seconds = time.perf_counter() - started
+    ACK_SECONDS.labels(route).observe(seconds)
+    log.info(
+        "events received",
+        extra={
+            "fields": {
+                "route": route,
+                "status": 200,
+                "latency_ms": round(seconds * 1000, 2),
+                "events": [
+                    {"id": r.event_id, "type": r.event_type, "user_id": r.user_id, "outcome": str(r.outcome)}
+                    for r in results
+                ],
+            }
+        },
+    )
     return _accepted(results)
+
+
+def _refused(route: str, rejected: Rejected) -> Response[dict[str, str]]:
+    AUTH_FAILURES.labels(route, rejected.code).inc()
+    log.warning("request refused", extra={"fields": {"route": route, "status": 401, "reason": rejected.code}})
+    return _error(401, rejected.reason)
+
+
+def _unavailable_because(route: str, cause: str, reason: str, detail: str) -> Response[dict[str, str]]:
+    UNAVAILABLE.labels(cause).inc()
+    log.warning(
+        "answered 503", extra={"fields": {"route": route, "status": 503, "cause": cause, "detail": detail}}
+    )
+    return _unavailable(reason)
 
 
 @post("/events/action", status_code=200)
@@ -107,8 +142,8 @@ async def receive_from_action(request: Request[Any, Any, Any], state: State) -> 
             request.headers, body, relay.settings.signing_secrets, relay.clock()
         )
     except Rejected as rejected:
-        return _error(401, rejected.reason)
-    return await _ingest(request, relay, "action", expected_event_id=event_id)
+        return _refused("action", rejected)
+    return await _ingest(request, relay, "action", body, expected_event_id=event_id)
 
 
 @post("/events/webhook", status_code=200)
@@ -125,8 +160,8 @@ async def receive_from_webhook(request: Request[Any, Any, Any], state: State) ->
             custom_headers=settings.webhook_headers,
         )
     except Rejected as rejected:
-        return _error(401, rejected.reason)
-    return await _ingest(request, relay, "webhook")
+        return _refused("webhook", rejected)
+    return await _ingest(request, relay, "webhook", await request.body())
 
 
 @get("/healthz")
@@ -177,6 +212,7 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Not waiting for a connection: the relay serves (and answers 503) while PostgreSQL comes up.
         await pool.open(wait=False)
+        watch_pool(pool)
         committer = GroupCommitter(
             pool,
             settings.delete_mode,
@@ -186,6 +222,7 @@ def create_app(
             flushers=settings.batch_flushers,
         )
         committer.start()
+        watch_queue(committer)
         app.state.relay = Relay(
             settings=settings, pool=pool, committer=committer, apply=applier or committer.apply, clock=clock
         )
@@ -196,13 +233,16 @@ def create_app(
             await committer.close()
             await pool.close()
 
+    metrics = PrometheusConfig(app_name="relay", prefix="relay_http", group_path=True)
     return Litestar(
-        route_handlers=[receive_from_action, receive_from_webhook, healthz, readyz],
+        route_handlers=[receive_from_action, receive_from_webhook, healthz, readyz, PrometheusController],
+        middleware=[metrics.middleware],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={HTTPException: _json_error},
         type_encoders={msgspec.UnsetType: lambda _: None},
         openapi_config=None,
+        logging_config=None,  # the relay's JSON logging is configured once, by the CLI
     )
 
 
@@ -215,6 +255,7 @@ def serve(app: Litestar, settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep the relay's JSON logging (configured by the CLI)
         access_log=False,
         timeout_graceful_shutdown=10,
     )

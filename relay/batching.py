@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from relay.events import Event
 from relay.handlers import Outcome
+from relay.observability import BATCH_SIZE, COMMIT_SECONDS
 from relay.settings import DeleteMode
 from relay.store import Connection, apply_events
 
@@ -103,7 +104,7 @@ class GroupCommitter:
         self._max_wait = max_wait_seconds
         self._max_queued = max_queued_events
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
-        self._queued_events = 0
+        self.queued_events = 0
         self._flusher_count = flushers
         self._flushers: list[asyncio.Task[None]] = []
 
@@ -123,10 +124,10 @@ class GroupCommitter:
         """One result per event, once the transaction holding them has committed."""
         if not events:
             return []
-        if self._queued_events + len(events) > self._max_queued:
-            raise Saturated(f"{self._queued_events} events already waiting for PostgreSQL")
+        if self.queued_events + len(events) > self._max_queued:
+            raise Saturated(f"{self.queued_events} events already waiting for PostgreSQL")
         waiting = _Waiting(events)
-        self._queued_events += len(events)
+        self.queued_events += len(events)
         self._queue.put_nowait(waiting)
         return await waiting.answer
 
@@ -161,9 +162,11 @@ class GroupCommitter:
 
     async def _flush(self, batch: list[_Waiting]) -> None:
         events = [event for waiting in batch for event in waiting.events]
-        self._queued_events -= len(events)
+        self.queued_events -= len(events)
+        BATCH_SIZE.observe(len(events))
         try:
-            results = await apply_isolating(self._pool, events, self._delete_mode)
+            with COMMIT_SECONDS.time():
+                results = await apply_isolating(self._pool, events, self._delete_mode)
         except Exception as error:
             for waiting in batch:
                 if not waiting.answer.done():

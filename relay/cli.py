@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import secrets
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import psycopg
 
+from relay.observability import configure_logging
 from relay.settings import ConfigError, Settings, decode_signing_secret
 
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        configure_logging(settings.log_level)
         if args.command == "serve":
             return _serve(settings, migrate_first=args.migrate)
         if args.command == "migrate":
@@ -110,9 +110,7 @@ def _verify(settings: Settings, connection: str, timeout: float) -> int:
 
 
 def _serve(settings: Settings, *, migrate_first: bool) -> int:
-    import uvicorn
-
-    from relay.app import create_app
+    from relay.app import create_app, serve
     from relay.migrations import migrate
 
     if not settings.has_credentials:
@@ -127,14 +125,7 @@ def _serve(settings: Settings, *, migrate_first: bool) -> int:
         for migration in asyncio.run(migrate(conninfo, settings.db_schema)):
             print(f"applied migration {migration.version:04d}_{migration.name}")
     _print_banner(settings, conninfo, psql)
-    uvicorn.run(
-        create_app(settings, conninfo),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    serve(create_app(settings, conninfo), settings)
     return 0
 
 

@@ -15,8 +15,9 @@ from typing import Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from relay.batching import Result, Unstorable
-from relay.events import Event, UndecodableEvent, decode_event, split_body
+from relay.events import Event, EventKind, UndecodableEvent, UserEvent, decode_event, split_body
 from relay.handlers import Outcome
+from relay.observability import count_events, observe_lag
 from relay.store import Connection, record_dead_letter
 
 # Only these request headers are kept with a dead letter: never credentials or signatures.
@@ -31,6 +32,8 @@ class EventResult:
     outcome: Outcome
     dead_letter_id: int | None = None
     error: str | None = None
+    event_type: str | None = None
+    user_id: str | None = None
 
 
 class Applier(Protocol):
@@ -50,16 +53,16 @@ async def ingest_body(
 ) -> list[EventResult]:
     """Decodes, applies and records every event of an authenticated request body."""
 
-    async def dead_letter(raw: bytes, error: str, event_id: str | None = None) -> EventResult:
+    async def dead_letter(raw: bytes, error: str, event: Event | None = None) -> EventResult:
         kept_headers = {name: value for name, value in headers.items() if name.lower() in DIAGNOSTIC_HEADERS}
         async with pool.connection() as conn:
             letter_id = await record_dead_letter(conn, route, raw, kept_headers, error)
-        return EventResult(event_id, Outcome.DEAD_LETTERED, letter_id, error)
+        return _result(event, Outcome.DEAD_LETTERED, letter_id, error)
 
     try:
         items = split_body(body)
     except UndecodableEvent as error:
-        return [await dead_letter(body, str(error))]
+        return _counted([await dead_letter(body, str(error))])
 
     results: list[EventResult | None] = [None] * len(items)
     decoded: list[tuple[int, bytes, Event]] = []
@@ -72,7 +75,7 @@ async def ingest_body(
         if expected_event_id is not None and event.id != expected_event_id:
             # The signature covers both, so this is a sender bug, not an attack: keep it for a person.
             results[index] = await dead_letter(
-                raw, f"webhook-id header {expected_event_id!r} does not match the event id", event.id
+                raw, f"webhook-id header {expected_event_id!r} does not match the event id", event
             )
             continue
         decoded.append((index, raw, event))
@@ -80,7 +83,29 @@ async def ingest_body(
     applied = await apply([event for _, _, event in decoded]) if decoded else []
     for (index, raw, event), result in zip(decoded, applied, strict=True):
         if isinstance(result, Unstorable):
-            results[index] = await dead_letter(raw, result.error, event.id)
+            results[index] = await dead_letter(raw, result.error, event)
         else:
-            results[index] = EventResult(event.id, result)
-    return [result for result in results if result is not None]
+            results[index] = _result(event, result)
+    observe_lag(event.time.timestamp() for _, _, event in decoded if isinstance(event, UserEvent))
+    return _counted([result for result in results if result is not None])
+
+
+def _result(
+    event: Event | None, outcome: Outcome, dead_letter_id: int | None = None, error: str | None = None
+) -> EventResult:
+    if event is None:
+        return EventResult(None, outcome, dead_letter_id, error)
+    event_type = event.kind.value if isinstance(event, UserEvent) else event.type
+    return EventResult(event.id, outcome, dead_letter_id, error, event_type, event.user_id)
+
+
+_METRIC_TYPES = frozenset(kind.value for kind in EventKind)
+
+
+def _counted(results: list[EventResult]) -> list[EventResult]:
+    # Types other than the three the relay handles are one label, whatever a sender invents.
+    count_events(
+        (result.event_type if result.event_type in _METRIC_TYPES else "other", str(result.outcome))
+        for result in results
+    )
+    return results

@@ -16,11 +16,13 @@ TIMESTAMP_TOLERANCE_SECONDS = 300
 
 
 class Rejected(Exception):
-    """The request is not authentic; `reason` says why, for the 401 body."""
+    """The request is not authentic; `reason` says why, for the 401 body, and `code` names the kind of
+    failure in a word, for metrics."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -46,14 +48,17 @@ def verify_standard_webhook(
         ("webhook-signature", signature_header),
     ):
         if not value:
-            raise Rejected(f"missing {name} header")
+            raise Rejected(f"missing {name} header", "missing_header")
     assert message_id is not None and timestamp_text is not None and signature_header is not None
     # isascii(): str.isdigit() also accepts "²³" (latin-1, so it can arrive in a header), which int() refuses.
     if not (timestamp_text.isascii() and timestamp_text.isdigit()) or len(timestamp_text) > 12:
-        raise Rejected("webhook-timestamp is not a Unix time in seconds")
+        raise Rejected("webhook-timestamp is not a Unix time in seconds", "malformed_timestamp")
     timestamp = int(timestamp_text)
     if abs(now - timestamp) > TIMESTAMP_TOLERANCE_SECONDS:
-        raise Rejected(f"webhook-timestamp is outside the {TIMESTAMP_TOLERANCE_SECONDS} s tolerance")
+        raise Rejected(
+            f"webhook-timestamp is outside the {TIMESTAMP_TOLERANCE_SECONDS} s tolerance",
+            "timestamp_out_of_tolerance",
+        )
 
     offered = []
     for entry in signature_header.split():
@@ -65,7 +70,7 @@ def verify_standard_webhook(
         except ValueError:  # binascii.Error, or a str that is not ASCII
             continue
     if not offered:
-        raise Rejected("webhook-signature has no v1 signature")
+        raise Rejected("webhook-signature has no v1 signature", "no_v1_signature")
 
     signed_content = f"{message_id}.{timestamp_text}.".encode() + body
     matched = False
@@ -75,7 +80,7 @@ def verify_standard_webhook(
             # No early exit: the time taken must not reveal which key or entry matched.
             matched |= hmac.compare_digest(expected, signature)
     if not matched:
-        raise Rejected("no webhook-signature entry matches a configured secret")
+        raise Rejected("no webhook-signature entry matches a configured secret", "bad_signature")
     return message_id
 
 
@@ -101,7 +106,7 @@ def verify_webhook_credentials(
         try:
             pair = base64.b64decode(credential, validate=True)
         except ValueError:  # binascii.Error, or a str that is not ASCII
-            raise Rejected("Authorization Basic credential is not base64") from None
+            raise Rejected("Authorization Basic credential is not base64", "malformed_credentials") from None
         for allowed in basic:
             matched |= hmac.compare_digest(pair, allowed.encode())
     for name, value in custom_headers:
@@ -110,6 +115,9 @@ def verify_webhook_credentials(
             presented = True
             matched |= hmac.compare_digest(offered.encode(), value.encode())
     if not presented:
-        raise Rejected("missing credentials: expected a bearer token, HTTP Basic, or the configured header")
+        raise Rejected(
+            "missing credentials: expected a bearer token, HTTP Basic, or the configured header",
+            "missing_credentials",
+        )
     if not matched:
-        raise Rejected("unknown credentials")
+        raise Rejected("unknown credentials", "unknown_credentials")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from psycopg import AsyncConnection, AsyncCursor
@@ -21,6 +22,9 @@ from psycopg_pool import AsyncConnectionPool
 from relay.events import Event, OtherEvent, UserEvent
 from relay.handlers import Outcome, UserState, apply_event, from_micros, version_of
 from relay.settings import DeleteMode, Settings
+
+if TYPE_CHECKING:
+    from relay.backfill import SnapshotRow
 
 Connection = AsyncConnection[Any]
 
@@ -79,6 +83,37 @@ RECORD_DEAD_LETTER = """
 INSERT INTO dead_letters (route, body, headers, error)
 VALUES (%(route)s, %(body)s, %(headers)s, %(error)s)
 RETURNING id
+"""
+
+# Backfill: a chunk of export rows is staged with COPY, then merged under the same lock order as events.
+CREATE_BACKFILL_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS backfill_rows (
+    user_id              text PRIMARY KEY,
+    profile              jsonb NOT NULL,
+    merge_state          jsonb NOT NULL,
+    last_event_processed timestamptz NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+COPY_BACKFILL_ROWS = """
+COPY backfill_rows (user_id, profile, merge_state, last_event_processed) FROM STDIN
+"""
+
+LOCK_BACKFILLED_USERS = """
+SELECT u.user_id, u.profile, u.merge_state, u.deleted_at
+  FROM users u JOIN backfill_rows b USING (user_id)
+ ORDER BY u.user_id
+   FOR UPDATE OF u
+"""
+
+INSERT_BACKFILLED_USERS = """
+INSERT INTO users (user_id, profile, merge_state, last_event_processed, last_event_id)
+SELECT b.user_id, b.profile, b.merge_state, b.last_event_processed, %(version_id)s
+  FROM backfill_rows b
+ WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.user_id = b.user_id)
+ ORDER BY b.user_id
+ON CONFLICT (user_id) DO NOTHING
+RETURNING user_id
 """
 
 # `relay verify` watches one user's row appear, change and become a tombstone.
@@ -190,6 +225,53 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
                     outcomes[index] = Outcome.DUPLICATE
 
     return [outcome if outcome is not None else Outcome.DUPLICATE for outcome in outcomes]
+
+
+@dataclass
+class SnapshotCounts:
+    inserted: int = 0
+    merged: int = 0
+    stale: int = 0
+
+
+async def merge_snapshots(
+    conn: Connection, rows: Sequence[SnapshotRow], delete_mode: DeleteMode
+) -> SnapshotCounts:
+    """Merges export rows (at most one per user) in one transaction: COPY to staging, then merge."""
+    by_user = {row.user_id: row for row in rows}
+    counts = SnapshotCounts()
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(CREATE_BACKFILL_STAGING)
+        async with cursor.copy(COPY_BACKFILL_ROWS) as copy:
+            for row in rows:
+                state = row.new_user_state()
+                await copy.write_row(
+                    (
+                        row.user_id,
+                        row.line.decode(),
+                        _dump_json(state.to_merge_state()),
+                        from_micros(row.version_us),
+                    )
+                )
+        await cursor.execute(LOCK_BACKFILLED_USERS)
+        stored = {
+            user_id: UserState.from_stored(user_id, profile, merge_state, deleted_at)
+            for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
+        }
+        await cursor.execute(INSERT_BACKFILLED_USERS, {"version_id": rows[0].as_event().id if rows else ""})
+        inserted = {row[0] for row in await cursor.fetchall()}
+        counts.inserted = len(inserted)
+        # Created by live events since the lock above: merge over what they wrote.
+        stored |= await _lock_users(cursor, sorted(by_user.keys() - stored.keys() - inserted))
+        for user_id, state in stored.items():
+            outcome = apply_event(state, by_user[user_id].as_event(), delete_mode)
+            if outcome is Outcome.STALE:
+                counts.stale += 1
+            else:
+                counts.merged += 1
+        if stored:
+            await cursor.execute(UPDATE_USERS, _user_columns(stored.values()))
+    return counts
 
 
 async def _lock_users(cursor: AsyncCursor[Any], user_ids: list[str]) -> dict[str, UserState]:
