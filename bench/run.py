@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gzip
 import hashlib
 import hmac
 import json
@@ -68,6 +69,9 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=int, default=60, help="length of the memory run (0 skips it)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument(
+        "--backfill-users", type=int, default=1_000_000, help="size of the generated export (0 skips it)"
+    )
     args = parser.parse_args()
 
     if shutil.which("wrk") is None:
@@ -90,6 +94,9 @@ def main() -> int:
         results.append(run(name, server, overrides, seconds, conninfo, args))
 
     print_report(results)
+    if args.backfill_users:
+        print(f"\nrunning: backfill of a generated {args.backfill_users:,}-user export ...", flush=True)
+        print_backfill(backfill(conninfo, args.backfill_users))
     return 0 if all(result.lost in (0, None) for result in results) else 1
 
 
@@ -237,6 +244,104 @@ def run(
     if server != "ceiling":
         result.lost = count_missing(conninfo, schema, acked)
     return result
+
+
+@dataclass
+class BackfillResult:
+    users: int
+    seconds: float
+    peak_rss_mib: float
+    rss_samples_mib: list[float]
+    stored: int
+
+
+def export_file(users: int) -> Path:
+    """A gzip NDJSON export shaped like Auth0's, generated once and kept under .data/bench/."""
+    path = REPO / ".data" / "bench" / f"export-{users}.json.gz"
+    if path.exists():
+        return path
+    partial = path.with_suffix(".partial")
+    with gzip.open(partial, "wt", compresslevel=1) as export:
+        for number in range(users):
+            local = f"{number:024x}"
+            export.write(
+                json.dumps(
+                    {
+                        "user_id": f"auth0|{local}",
+                        "email": f"user{number}@example.com",
+                        "email_verified": number % 2 == 0,
+                        "name": f"User {number}",
+                        "nickname": f"user{number}",
+                        "picture": "https://s.gravatar.com/avatar/0?s=480&r=pg&d=mp",
+                        "identities": [
+                            {
+                                "connection": "Username-Password-Authentication",
+                                "provider": "auth0",
+                                "isSocial": False,
+                                "user_id": local,
+                            }
+                        ],
+                        "app_metadata": {"plan": "pro" if number % 3 else "free"},
+                        "user_metadata": {},
+                        "created_at": "2024-01-01T00:00:00.000Z",
+                        "updated_at": "2024-06-01T00:00:00.000Z",
+                        "last_login": "2024-06-01T00:00:00.000Z",
+                        "logins_count": number % 50,
+                        "blocked": False,
+                    },
+                    separators=(",", ":"),
+                )
+                + "\n"
+            )
+    partial.rename(path)
+    return path
+
+
+def backfill(conninfo: str, users: int) -> BackfillResult:
+    """`relay backfill --file` as an operator runs it, timed end to end (gunzip, decode, COPY, merge)."""
+    path = export_file(users)
+    schema = "bench_backfill"
+    fresh_schema(conninfo, schema)
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("RELAY_")},
+        "DATABASE_URL": conninfo,
+        "RELAY_DB_SCHEMA": schema,
+        "RELAY_LOG_LEVEL": "WARNING",
+    }
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "backfill", "--file", str(path)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sampler = RssSampler(process.pid)
+    sampler.start()
+    _, errors = process.communicate()
+    seconds = time.perf_counter() - started
+    sampler.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"relay backfill failed: {errors.decode()[-2000:]}")
+    with psycopg.connect(conninfo, options=f"-c search_path={schema}") as conn:
+        row = conn.execute("SELECT count(*) FROM users").fetchone()
+    return BackfillResult(
+        users, seconds, max(sampler.samples, default=0.0), sampler.samples, int(row[0]) if row else 0
+    )
+
+
+def print_backfill(result: BackfillResult) -> None:
+    print(
+        f"backfill: {result.users:,} users in {result.seconds:.1f} s = "
+        f"{result.users / result.seconds:,.0f} users/s (target >= 20,000); {result.stored:,} rows stored; "
+        f"peak RSS {result.peak_rss_mib:.1f} MiB"
+    )
+    samples = result.rss_samples_mib
+    if len(samples) >= 4:
+        print(
+            f"backfill memory: {samples[len(samples) // 4]:.1f} MiB at a quarter of the run, "
+            f"{samples[-1]:.1f} MiB at the end"
+        )
 
 
 def count_missing(conninfo: str, schema: str, acknowledged: list[str]) -> int:
