@@ -9,6 +9,8 @@ or not at all, so an interrupted load leaves no half-applied chunk, and running 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import io
 from collections.abc import Callable, Iterable, Iterator
@@ -21,11 +23,11 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from relay.batching import is_unstorable
+from relay.batching import DEADLOCK_ATTEMPTS, is_unstorable
 from relay.events import EventKind, UserEvent, UserObject
 from relay.handlers import UserState, from_micros, to_micros
 from relay.settings import DeleteMode
-from relay.store import Connection, merge_snapshots, record_dead_letter
+from relay.store import Connection, SnapshotCounts, merge_snapshots, record_dead_letter
 
 # Ties between a snapshot and an event at the same instant go to the event: "backfill" sorts before "evt_".
 BACKFILL_VERSION_ID = "backfill"
@@ -132,29 +134,50 @@ async def load_export(
     progress: Callable[[BackfillReport], None] = lambda _: None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> BackfillReport:
-    """Merges every row of an export into the copy, one committed chunk at a time."""
+    """Merges every row of an export into the copy, one committed chunk at a time.
+
+    While PostgreSQL merges one chunk, the next is read and checked: the two halves of the work overlap
+    instead of taking turns.
+    """
     report = BackfillReport()
     chunk: dict[str, SnapshotRow] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        report.rows += 1
-        try:
-            row = parse_row(line)
-        except ValueError as error:
-            report.rejected += 1
-            async with pool.connection() as conn:
-                await record_dead_letter(conn, "backfill", line, {}, str(error))
-            continue
-        known = chunk.get(row.user_id)
-        if known is None or row.version_us > known.version_us:
-            chunk[row.user_id] = row
-        if len(chunk) >= chunk_rows:
-            await _merge_chunk(pool, chunk, delete_mode, report)
-            chunk = {}
+    merging: asyncio.Task[None] | None = None
+
+    async def hand_over(rows: dict[str, SnapshotRow]) -> asyncio.Task[None]:
+        if merging is not None:
+            await merging
             progress(report)
-    if chunk:
-        await _merge_chunk(pool, chunk, delete_mode, report)
+        return asyncio.create_task(_merge_chunk(pool, rows, delete_mode, report))
+
+    try:
+        for line in lines:
+            if not line.strip():
+                continue
+            report.rows += 1
+            if report.rows % 1000 == 0:
+                await asyncio.sleep(0)  # let the merge in flight send its next statement
+            try:
+                row = parse_row(line)
+            except ValueError as error:
+                report.rejected += 1
+                async with pool.connection() as conn:
+                    await record_dead_letter(conn, "backfill", line, {}, str(error))
+                continue
+            known = chunk.get(row.user_id)
+            if known is None or row.version_us > known.version_us:
+                chunk[row.user_id] = row
+            if len(chunk) >= chunk_rows:
+                merging = await hand_over(chunk)
+                chunk = {}
+        if chunk:
+            merging = await hand_over(chunk)
+        if merging is not None:
+            await merging
+    finally:
+        if merging is not None and not merging.done():
+            merging.cancel()  # its transaction rolls back: no half-applied chunk
+            with contextlib.suppress(asyncio.CancelledError):
+                await merging
     progress(report)
     return report
 
@@ -167,8 +190,7 @@ async def _merge_chunk(
 ) -> None:
     rows = list(chunk.values())
     try:
-        async with pool.connection() as conn:
-            counts = await merge_snapshots(conn, rows, delete_mode)
+        counts = await _merge_retrying_deadlocks(pool, rows, delete_mode)
     except psycopg.Error as error:
         if not is_unstorable(error):
             raise
@@ -187,3 +209,18 @@ async def _merge_chunk(
     report.inserted += counts.inserted
     report.merged += counts.merged
     report.stale += counts.stale
+
+
+async def _merge_retrying_deadlocks(
+    pool: AsyncConnectionPool[Connection], rows: list[SnapshotRow], delete_mode: DeleteMode
+) -> SnapshotCounts:
+    # A chunk locks the users it knows, then inserts the others: with live batches doing the same, two
+    # transactions can each hold what the other needs. PostgreSQL rolls one back; merging again is safe.
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            async with pool.connection() as conn:
+                return await merge_snapshots(conn, rows, delete_mode)
+        except psycopg.errors.DeadlockDetected:
+            if attempt == DEADLOCK_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")

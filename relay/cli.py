@@ -14,7 +14,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -47,6 +48,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     verify.add_argument("--connection", required=True, help="the database connection to create the user in")
     verify.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each change")
+    letters = commands.add_parser(
+        "dead-letters", help="list, show, replay or resolve the authentic events the relay could not apply"
+    )
+    letter_commands = letters.add_subparsers(dest="dead_letters_command", required=True)
+    listing = letter_commands.add_parser("list", help="unresolved dead letters, oldest first")
+    listing.add_argument("--all", action="store_true", help="resolved ones too")
+    listing.add_argument("--limit", type=_positive, default=50, help="most rows to show (default 50)")
+    show = letter_commands.add_parser("show", help="one dead letter: headers, error and body")
+    show.add_argument("id", type=int)
+    replay = letter_commands.add_parser(
+        "replay",
+        help="run stored bodies through the current decoder and handlers; resolves those that go in "
+        "(exit status 1 if any still fails)",
+    )
+    replay.add_argument("ids", type=int, nargs="*", metavar="ID", help="default: every unresolved one")
+    resolve = letter_commands.add_parser("resolve", help="mark a dead letter resolved without replaying it")
+    resolve.add_argument("id", type=int)
+    prune = commands.add_parser(
+        "prune", help="delete old ledger rows and resolved dead letters (tombstones in users are kept)"
+    )
+    prune.add_argument(
+        "--older-than", required=True, type=_age, metavar="AGE", help="e.g. 30d or 12h (days or hours)"
+    )
+    prune.add_argument("--batch-size", type=_positive, default=5000, help="rows per delete (default 5000)")
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="copy every existing Auth0 user into PostgreSQL through a users export job (safe to re-run)",
+    )
+    backfill_source = backfill.add_mutually_exclusive_group()
+    backfill_source.add_argument(
+        "--file", type=Path, metavar="PATH", help="load an export already downloaded (gzip or plain NDJSON)"
+    )
+    backfill_source.add_argument(
+        "--job-id", metavar="JOB", help="pick up an export job started earlier (Auth0 keeps it 24 h)"
+    )
+    backfill.add_argument(
+        "--timeout", type=_seconds, default=1800.0, help="seconds to wait for the export job (default 1800)"
+    )
+    backfill.add_argument(
+        "--poll-interval", type=_seconds, default=5.0, help="seconds between job status checks (default 5)"
+    )
+    catch_up = commands.add_parser(
+        "catch-up", help="apply user events missed while the relay was down, from the Auth0 Events API"
+    )
+    catch_up.add_argument(
+        "--since",
+        type=_moment,
+        metavar="TIME",
+        help="ISO 8601 time to read from (default: the stored cursor)",
+    )
+    catch_up.add_argument(
+        "--until-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop once no event has come for --idle-seconds (default on; --no-until-idle follows forever)",
+    )
+    catch_up.add_argument(
+        "--idle-seconds", type=_seconds, default=10.0, help="quiet seconds that end the catch-up (default 10)"
+    )
+    deliveries = commands.add_parser("deliveries", help="list the event stream's failed deliveries")
+    redeliver = commands.add_parser(
+        "redeliver", help="ask Auth0 to deliver failed events again: one (--event-id) or by time and type"
+    )
+    for command in (deliveries, redeliver):
+        command.add_argument("--stream-id", help="the event stream's id (default: AUTH0_EVENT_STREAM_ID)")
+        command.add_argument(
+            "--stream-name", default="user-sync-relay", help="else the event stream with this name"
+        )
+        command.add_argument("--since", type=_moment, metavar="TIME", help="ISO 8601: events from this time")
+        command.add_argument(
+            "--until", type=_moment, metavar="TIME", help="ISO 8601: events before this time"
+        )
+        command.add_argument(
+            "--types", type=_event_types, default=(), metavar="TYPES", help="comma-separated event types"
+        )
+    redeliver.add_argument("--event-id", metavar="ID", help="redeliver this one event")
 
     args = parser.parse_args(argv)
     try:
@@ -60,6 +138,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _deploy_action(args.name, args.stream_name, dry_run=args.dry_run)
         if args.command == "verify":
             return _verify(settings, args.connection, args.timeout)
+        if args.command == "dead-letters":
+            return _dead_letters(settings, args)
+        if args.command == "prune":
+            return _prune(settings, args.older_than, args.batch_size)
+        if args.command == "backfill":
+            return _backfill(settings, args)
+        if args.command == "catch-up":
+            return _catch_up(settings, args)
+        if args.command == "deliveries":
+            return _deliveries(args)
+        if args.command == "redeliver":
+            if args.event_id and (args.since or args.until or args.types):
+                parser.error("redeliver: --event-id cannot be combined with --since, --until or --types")
+            return _redeliver(args)
         return _send_sample(settings, args.url, args.email)
     except ConfigError as error:
         # One line per problem: deploy-action names every missing variable at once.
@@ -107,6 +199,134 @@ def _verify(settings: Settings, connection: str, timeout: float) -> int:
     credentials = credentials_from_env(os.environ)
     conninfo, _ = _database(settings)
     return verify_synchronization(credentials, conninfo, settings, connection=connection, timeout=timeout)
+
+
+def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from relay import operations
+
+    conninfo, _ = _database(settings)
+    command = args.dead_letters_command
+    if command == "list":
+        return asyncio.run(
+            operations.list_command(
+                conninfo, settings, include_resolved=args.all, limit=args.limit, out=sys.stdout
+            )
+        )
+    if command == "show":
+        return asyncio.run(operations.show_command(conninfo, settings, args.id, sys.stdout))
+    if command == "replay":
+        return asyncio.run(operations.replay_command(conninfo, settings, args.ids, sys.stdout))
+    return asyncio.run(operations.resolve_command(conninfo, settings, args.id, sys.stdout))
+
+
+def _prune(settings: Settings, older_than: timedelta, batch_size: int) -> int:
+    from relay import operations
+
+    conninfo, _ = _database(settings)
+    return asyncio.run(operations.prune_command(conninfo, settings, older_than, batch_size, sys.stdout))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _age(text: str) -> timedelta:
+    from relay.operations import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.auth0.export import run_backfill
+
+    return run_backfill(
+        os.environ,
+        settings,
+        lambda: _database(settings)[0],
+        file=args.file,
+        job_id=args.job_id,
+        timeout=args.timeout,
+        poll_interval=args.poll_interval,
+    )
+
+
+def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.auth0.catch_up import run_catch_up
+
+    return run_catch_up(
+        os.environ,
+        settings,
+        lambda: _database(settings)[0],
+        since=args.since,
+        until_idle=args.until_idle,
+        idle_seconds=args.idle_seconds,
+    )
+
+
+def _deliveries(args: argparse.Namespace) -> int:
+    from relay.auth0.deliveries import run_deliveries
+
+    return run_deliveries(
+        os.environ,
+        stream_id=args.stream_id,
+        stream_name=args.stream_name,
+        since=args.since,
+        until=args.until,
+        types=args.types,
+    )
+
+
+def _redeliver(args: argparse.Namespace) -> int:
+    from relay.auth0.deliveries import run_redeliver
+
+    return run_redeliver(
+        os.environ,
+        stream_id=args.stream_id,
+        stream_name=args.stream_name,
+        event_id=args.event_id,
+        since=args.since,
+        until=args.until,
+        types=args.types,
+    )
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time such as 2026-05-01T10:00:00Z or 2026-05-01; without a zone it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-05-01T10:00:00Z, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _event_types(text: str) -> tuple[str, ...]:
+    types = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not types:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated event types such as user.created, got {text!r}"
+        )
+    return types
 
 
 def _serve(settings: Settings, *, migrate_first: bool) -> int:

@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -110,7 +111,6 @@ INSERT_BACKFILLED_USERS = """
 INSERT INTO users (user_id, profile, merge_state, last_event_processed, last_event_id)
 SELECT b.user_id, b.profile, b.merge_state, b.last_event_processed, %(version_id)s
   FROM backfill_rows b
- WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.user_id = b.user_id)
  ORDER BY b.user_id
 ON CONFLICT (user_id) DO NOTHING
 RETURNING user_id
@@ -356,3 +356,172 @@ def _ledger_rows(
         columns["event_times"].append(event.time)
         columns["outcomes"].append(str(outcomes[index]))
     return columns
+
+
+# Dead letters: listed, shown, replayed and resolved by `relay dead-letters`; retention by `relay prune`.
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    route: str
+    body: bytes
+    headers: dict[str, str]
+    error: str
+    received_at: datetime
+    resolved_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterSummary:
+    id: int
+    route: str
+    body_size: int
+    error: str
+    received_at: datetime
+    resolved_at: datetime | None
+
+
+LIST_DEAD_LETTERS = """
+SELECT id, route, octet_length(body), error, received_at, resolved_at
+  FROM dead_letters
+ WHERE resolved_at IS NULL OR %(include_resolved)s
+ ORDER BY id
+ LIMIT %(limit)s
+"""
+
+COUNT_DEAD_LETTERS = """
+SELECT count(*) FROM dead_letters WHERE resolved_at IS NULL OR %(include_resolved)s
+"""
+
+FIND_DEAD_LETTER = """
+SELECT id, route, body, headers, error, received_at, resolved_at FROM dead_letters WHERE id = %(id)s
+"""
+
+# Keyset pages, so replaying every unresolved dead letter never holds all their bodies at once.
+NEXT_UNRESOLVED_DEAD_LETTERS = """
+SELECT id FROM dead_letters WHERE resolved_at IS NULL AND id > %(after)s ORDER BY id LIMIT %(limit)s
+"""
+
+RESOLVE_DEAD_LETTER = """
+UPDATE dead_letters SET resolved_at = now() WHERE id = %(id)s AND resolved_at IS NULL RETURNING id
+"""
+
+# A replay that fails again says so on the dead letter it replayed, rather than keeping the body twice.
+RECORD_REPLAY_FAILURE = """
+UPDATE dead_letters SET error = %(error)s WHERE id = %(id)s RETURNING id
+"""
+
+PRUNE_CUTOFF = """
+SELECT now() - %(age)s::interval
+"""
+
+# Retention deletes in small batches, each its own short transaction, so no lock is held for long. Tombstones
+# in `users` are never pruned: they are what keeps a late, older event from bringing a deleted user back.
+PRUNE_PROCESSED_EVENTS = """
+DELETE FROM processed_events
+ WHERE event_id IN (SELECT event_id FROM processed_events WHERE received_at < %(cutoff)s LIMIT %(limit)s)
+"""
+
+PRUNE_RESOLVED_DEAD_LETTERS = """
+DELETE FROM dead_letters
+ WHERE id IN (SELECT id FROM dead_letters WHERE resolved_at < %(cutoff)s LIMIT %(limit)s)
+"""
+
+
+def _dead_letter(row: Sequence[Any]) -> DeadLetter:
+    letter_id, route, body, headers, error, received_at, resolved_at = row
+    return DeadLetter(int(letter_id), route, bytes(body), dict(headers), error, received_at, resolved_at)
+
+
+async def list_dead_letters(
+    conn: Connection, *, include_resolved: bool, limit: int
+) -> list[DeadLetterSummary]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(LIST_DEAD_LETTERS, {"include_resolved": include_resolved, "limit": limit})
+        return [DeadLetterSummary(*row) for row in await cursor.fetchall()]
+
+
+async def count_dead_letters(conn: Connection, *, include_resolved: bool) -> int:
+    async with conn.cursor() as cursor:
+        await cursor.execute(COUNT_DEAD_LETTERS, {"include_resolved": include_resolved})
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def find_dead_letter(conn: Connection, letter_id: int) -> DeadLetter | None:
+    async with conn.cursor() as cursor:
+        await cursor.execute(FIND_DEAD_LETTER, {"id": letter_id})
+        row = await cursor.fetchone()
+    return _dead_letter(row) if row else None
+
+
+async def next_unresolved_dead_letters(conn: Connection, *, after: int, limit: int) -> list[int]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(NEXT_UNRESOLVED_DEAD_LETTERS, {"after": after, "limit": limit})
+        return [int(row[0]) for row in await cursor.fetchall()]
+
+
+async def resolve_dead_letter(conn: Connection, letter_id: int) -> bool:
+    """Marks a dead letter resolved; False when it was resolved already (or does not exist)."""
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(RESOLVE_DEAD_LETTER, {"id": letter_id})
+        return await cursor.fetchone() is not None
+
+
+async def record_replay_failure(conn: Connection, letter_id: int, error: str) -> int:
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(RECORD_REPLAY_FAILURE, {"id": letter_id, "error": error})
+        row = await cursor.fetchone()
+    if row is None:
+        raise LookupError(f"dead letter {letter_id} no longer exists")
+    return int(row[0])
+
+
+async def prune_cutoff(conn: Connection, age: timedelta) -> datetime:
+    """The database's now minus `age`: the one clock every replica and the ledger's timestamps share."""
+    async with conn.cursor() as cursor:
+        await cursor.execute(PRUNE_CUTOFF, {"age": age})
+        row = await cursor.fetchone()
+    assert row is not None
+    cutoff: datetime = row[0]
+    return cutoff
+
+
+async def prune_processed_events(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Deletes up to `limit` ledger rows received before `cutoff`; returns how many."""
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(PRUNE_PROCESSED_EVENTS, {"cutoff": cutoff, "limit": limit})
+        return cursor.rowcount
+
+
+async def prune_resolved_dead_letters(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Deletes up to `limit` dead letters resolved before `cutoff`; returns how many."""
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(PRUNE_RESOLVED_DEAD_LETTERS, {"cutoff": cutoff, "limit": limit})
+        return cursor.rowcount
+
+
+# Catch-up cursor
+
+READ_CURSOR = """
+SELECT cursor FROM event_cursors WHERE stream = %(stream)s
+"""
+
+SAVE_CURSOR = """
+INSERT INTO event_cursors (stream, cursor) VALUES (%(stream)s, %(cursor)s)
+ON CONFLICT (stream) DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()
+"""
+
+
+async def read_cursor(conn: Connection, stream: str) -> str | None:
+    """Where `relay catch-up` stopped reading `stream`, if it has read it before."""
+    async with conn.cursor() as cursor:
+        await cursor.execute(READ_CURSOR, {"stream": stream})
+        row = await cursor.fetchone()
+    return str(row[0]) if row else None
+
+
+async def save_cursor(conn: Connection, stream: str, position: str) -> None:
+    async with conn.transaction():
+        await conn.execute(SAVE_CURSOR, {"stream": stream, "cursor": position})

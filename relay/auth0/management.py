@@ -5,7 +5,10 @@ Credentials come from `AUTH0_DOMAIN`, `AUTH0_CLIENT_ID` and `AUTH0_CLIENT_SECRET
 Every request goes through `Management.call`, which waits out 429 answers as long as their `Retry-After` says
 (a bounded number of times) and turns 401/403 answers into an error that names the scope the request needs.
 The SDK's own retries are switched off for each request (`ONE_TRY`): they would also repeat a POST after a 5xx
-or a 409, and creating an Action twice is worse than failing once.
+or a 409, and creating an Action twice is worse than failing once. Where the SDK's models cannot describe
+an answer (deliveries come as a bare array or as `{deliveries, next}`; a 202 may have no body),
+`Management.request` sends plain JSON through `call` with the same token; the Events API's server-sent events
+are streamed by `relay.auth0.catch_up` with `access_token` and `refused`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -22,6 +26,7 @@ from auth0.management import ManagementClient
 from auth0.management.core.api_error import ApiError
 from auth0.management.core.parse_error import ParsingError
 from auth0.management.core.request_options import RequestOptions
+from auth0.management.token_provider import TokenProvider
 
 from relay.settings import ConfigError
 
@@ -49,6 +54,10 @@ _GRANT_HINT = (
 
 class ManagementError(Exception):
     """A Management API request failed; the message says what to do and never holds a secret."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # Auth0's HTTP status, when Auth0 answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +100,15 @@ class Management:
         timeout: float = 30.0,
     ) -> None:
         self.domain = credentials.domain
-        # The SDK fetches a client-credentials token for https://<domain>/api/v2/ and caches it.
-        self._sdk = ManagementClient(
+        # The SDK's provider fetches a client-credentials token for https://<domain>/api/v2/ and caches it;
+        # SDK calls and the plain requests below share it.
+        self._tokens = TokenProvider(
             domain=credentials.domain,
             client_id=credentials.client_id,
             client_secret=credentials.client_secret,
-            timeout=timeout,
         )
+        self._sdk = ManagementClient(domain=credentials.domain, token=self._tokens.get_token, timeout=timeout)
+        self._timeout = timeout
         self._sleep = sleep
         self._secrets = tuple(s for s in (credentials.client_secret, *secrets) if s)
 
@@ -120,16 +131,51 @@ class Management:
             except httpx.TransportError as error:
                 raise self._error(f"could not reach https://{self.domain} to {what}: {error}") from None
             if refusal.status != 429 or attempt == MAX_ATTEMPTS:
-                raise self._error(refusal.explain(what, scope)) from None
+                raise self._error(refusal.explain(what, scope), refusal.status) from None
             wait = retry_after(refusal.headers)
             print(f"  rate limited by Auth0 while trying to {what}; retrying in {wait:g} s", flush=True)
             self._sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _error(self, message: str) -> ManagementError:
+    def request(
+        self,
+        what: str,
+        scope: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        json: Any = None,
+    ) -> httpx.Response:
+        """A JSON request to `/api/v2/<path>` under the rules of `call`; returns the 2xx answer."""
+
+        def send(_sdk: ManagementClient, _once: RequestOptions) -> httpx.Response:
+            headers = {"authorization": f"Bearer {self._tokens.get_token()}", "accept": "application/json"}
+            with httpx.Client(timeout=self._timeout) as http:
+                response = http.request(
+                    method, f"https://{self.domain}/api/v2/{path}", params=params, json=json, headers=headers
+                )
+            if not response.is_success:
+                raise ApiError(
+                    status_code=response.status_code, headers=dict(response.headers), body=_body(response)
+                )
+            return response
+
+        return self.call(what, scope, send)
+
+    def access_token(self, what: str, scope: str) -> str:
+        """A Management API token (cached), for a request made without the SDK such as a streamed one."""
+        return self.call(what, scope, lambda _sdk, _once: self._tokens.get_token())
+
+    def refused(self, response: httpx.Response, what: str, scope: str) -> ManagementError:
+        """The error for a non-2xx answer to a request made without the SDK (its body already read)."""
+        refusal = _Refusal(response.status_code, dict(response.headers), _body(response))
+        return self._error(refusal.explain(what, scope), response.status_code)
+
+    def _error(self, message: str, status: int | None = None) -> ManagementError:
         for secret in self._secrets:
             message = message.replace(secret, "[redacted]")
-        return ManagementError(message)
+        return ManagementError(message, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +187,7 @@ class _Refusal:
 
     @classmethod
     def of_token_request(cls, response: httpx.Response) -> _Refusal:
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
-        return cls(response.status_code, dict(response.headers), body, token_request=True)
+        return cls(response.status_code, dict(response.headers), _body(response), token_request=True)
 
     def explain(self, what: str, scope: str) -> str:
         reason = _reason(self.body)
@@ -167,6 +209,13 @@ class _Refusal:
         if self.status == 429:
             return f"could not {what}: Auth0 was still rate limiting after {MAX_ATTEMPTS} attempts; try later"
         return f"could not {what}: Auth0 answered {answer}"
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
 
 
 def _reason(body: Any) -> str:
@@ -191,3 +240,8 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float:
     elif lowered.get("x-ratelimit-reset", "").strip().isdigit():
         wait = float(lowered["x-ratelimit-reset"]) - current
     return min(max(wait, 0.0), MAX_WAIT_SECONDS)
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, whole seconds, `Z`: the one form every Auth0 time filter accepts (at most 20 characters)."""
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,459 @@
+"""`relay catch-up`: apply the user events the relay missed (while it was down, or before Auth0 gave up
+retrying), read from the Events API (`GET /api/v2/events`, server-sent events).
+
+The stream is read from the cursor stored by the previous run, or from `--since` a point in time, filtered to
+the three user event types. Each message carries an opaque offset (its SSE `id`, also `data.offset`); its
+`data` is `{"offset": …, "event": <the CloudEvent>}`, and the CloudEvent goes through the same decoder and
+handlers as live traffic, in batches (`apply_isolating`). An event already received live is recorded as a
+duplicate by the ledger; one that cannot be decoded or stored is kept in `dead_letters`.
+
+The cursor is stored in PostgreSQL (`event_cursors`) after each committed batch, and `offset-only` messages
+(heartbeats that carry a position but no event) advance it too. A batch interrupted before its commit is
+rolled back and its events are read again by the next run, which is safe: they become duplicates. Auth0 closes
+the connection every few minutes; the reader reconnects from the last offset. With `until_idle` the command
+ends by itself once no event has arrived for `idle_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import msgspec
+from psycopg_pool import AsyncConnectionPool
+
+from relay.auth0.export import SchemaNotReady, check_schema
+from relay.auth0.management import (
+    MAX_ATTEMPTS,
+    Management,
+    ManagementError,
+    credentials_from_env,
+    retry_after,
+    rfc3339,
+)
+from relay.auth0.progress import StatusLine
+from relay.batching import Unstorable, apply_isolating
+from relay.events import Event, UndecodableEvent, decode_event
+from relay.settings import DeleteMode, Settings
+from relay.store import Connection, create_pool, read_cursor, record_dead_letter, save_cursor
+
+USER_EVENT_TYPES = ("user.created", "user.updated", "user.deleted")
+READ_EVENTS = "read:events"
+BATCH_MAX_EVENTS = 500
+BATCH_MAX_SECONDS = 1.0
+DEFAULT_IDLE_SECONDS = 10.0
+RECONNECT_SECONDS = 1.0
+"""Wait before reconnecting when Auth0 has not said otherwise (`retry:`)."""
+MAX_RECONNECT_SECONDS = 10.0
+MAX_STREAM_ERRORS = 5
+"""Transient `event: error` messages in a row before giving up."""
+QUEUED_MESSAGES = 2000
+"""Messages read ahead of the database; the reader waits beyond that."""
+DEAD_LETTER_ROUTE = "catch-up"
+EXPIRED_ADVICE = "run `relay backfill`, then `relay catch-up --since <time>`"
+_TRANSIENT_ERRORS = frozenset({"timeout", "connection_timeout"})
+_CURSOR_ERRORS = frozenset({"cursor_expired", "invalid_cursor"})
+
+
+class CatchUpFailed(Exception):
+    """Catch-up cannot go on; the message says why and what to do."""
+
+
+class CursorExpired(CatchUpFailed):
+    """Auth0 no longer holds events from the position asked for (410, or `cursor_expired`)."""
+
+
+def cursor_stream(domain: str) -> str:
+    """The `event_cursors.stream` key for a tenant's user events."""
+    return f"events-api/{domain}/user-events"
+
+
+@dataclass
+class CatchUpReport:
+    received: int = 0  # events committed: applied, or recorded as duplicate, stale, dead-lettered…
+    outcomes: Counter[str] = field(default_factory=Counter)
+    cursor: str | None = None  # the position stored in PostgreSQL
+
+    def describe(self) -> str:
+        counts = ", ".join(
+            f"{self.outcomes[name]} {name.replace('_', '-')}"
+            for name in ("applied", "tombstoned", "stale", "duplicate", "ignored", "test", "dead_lettered")
+            if self.outcomes[name] or name in ("applied", "duplicate")
+        )
+        return f"{self.received} events ({counts}); cursor {self.cursor or 'none'}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    """The stream answered 200: what the idle clock starts from."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    offset: str | None
+    body: bytes | None = None  # the CloudEvent, or the undecodable data when `problem` is set
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+_Item = _Connected | _Received | _Failed
+
+
+class _Payload(msgspec.Struct, forbid_unknown_fields=False):
+    offset: str | None = None
+    event: msgspec.Raw = msgspec.Raw(b"")  # empty when absent
+    error: dict[str, Any] | None = None
+
+
+_payload_decoder = msgspec.json.Decoder(_Payload)
+
+
+@dataclass
+class _Message:
+    event: str = "message"
+    data: list[str] = field(default_factory=list)
+    id: str | None = None
+
+
+class _SseParser:
+    """Server-sent events, line by line (WHATWG rules): `field: value` lines, a blank line ends a message."""
+
+    def __init__(self) -> None:
+        self._message = _Message()
+        self.retry_seconds: float | None = None
+
+    def feed(self, line: str) -> _Message | None:
+        if not line:
+            message, self._message = self._message, _Message()
+            return message if message.data else None
+        if line.startswith(":"):
+            return None  # a comment: `:connected`, heartbeats
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._message.data.append(value)
+        elif name == "event":
+            self._message.event = value or "message"
+        elif name == "id" and "\0" not in value:
+            self._message.id = value
+        elif name == "retry" and value.isdigit():
+            self.retry_seconds = min(int(value) / 1000, MAX_RECONNECT_SECONDS)
+        return None
+
+
+def run_catch_up(
+    environ: Mapping[str, str],
+    settings: Settings,
+    database: Callable[[], str],
+    *,
+    since: datetime | None = None,
+    until_idle: bool = True,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    status: StatusLine | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
+    """Runs `relay catch-up`; returns the exit status. `database()` gives the conninfo."""
+    api = Management(credentials_from_env(environ))
+    status = status or StatusLine()
+    report = CatchUpReport()
+
+    async def run() -> None:
+        pool = create_pool(conninfo, settings)
+        await pool.open(wait=True)
+        try:
+            await catch_up(
+                api,
+                pool,
+                settings.delete_mode,
+                since=since,
+                until_idle=until_idle,
+                idle_seconds=idle_seconds,
+                status=status,
+                report=report,
+                sleep=sleep,
+            )
+        finally:
+            await pool.close()
+
+    try:
+        conninfo = database()
+        check_schema(conninfo, settings)
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        status.end()
+        print(
+            f"relay catch-up: interrupted after {report.describe()}; the batch in progress was rolled back. "
+            "Running relay catch-up again is safe: it goes on from the stored cursor",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    except (CatchUpFailed, SchemaNotReady, ManagementError) as error:
+        status.end()
+        print(f"relay catch-up: {error}", file=sys.stderr, flush=True)
+        return 1
+    status.end()
+    print(f"catch-up done: {report.describe()}", flush=True)
+    return 0
+
+
+async def catch_up(
+    api: Management,
+    pool: AsyncConnectionPool[Connection],
+    delete_mode: DeleteMode,
+    *,
+    since: datetime | None = None,
+    until_idle: bool = True,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    status: StatusLine | None = None,
+    report: CatchUpReport | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    batch_max_events: int = BATCH_MAX_EVENTS,
+    batch_max_seconds: float = BATCH_MAX_SECONDS,
+) -> CatchUpReport:
+    """Reads and applies events until idle (or forever without `until_idle`); returns what it did.
+
+    `report` is filled in as batches commit, so a caller that is interrupted can still say what was done.
+    """
+    status = status or StatusLine()
+    report = report if report is not None else CatchUpReport()
+    stream = cursor_stream(api.domain)
+    async with pool.connection() as conn:
+        report.cursor = await read_cursor(conn, stream)
+    if since is None and report.cursor is None:
+        raise CatchUpFailed(
+            "no stored cursor yet: pass --since <time> (ISO 8601, e.g. when the relay went down, or when the "
+            "backfill started)"
+        )
+    start_cursor = None if since is not None else report.cursor
+
+    queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUED_MESSAGES)
+    reader = asyncio.create_task(_read_events(api, start_cursor, since, queue, sleep))
+    batch = _Batch()
+    loop = asyncio.get_running_loop()
+    idle_deadline: float | None = None  # set once connected: waiting for a connection is not idleness
+    getter: asyncio.Task[_Item] | None = None
+
+    async def flush() -> None:
+        if batch.is_empty(report.cursor):
+            return
+        await _commit(pool, delete_mode, stream, batch, report)
+        batch.clear()
+        status.show(f"catch-up: {report.describe()}")
+
+    try:
+        while True:
+            waits = []
+            if not batch.is_empty(report.cursor):
+                waits.append(batch.started + batch_max_seconds - loop.time())
+            if until_idle and idle_deadline is not None:
+                waits.append(idle_deadline - loop.time())
+            if getter is None:
+                getter = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=max(0.0, min(waits)) if waits else None)
+            if not done:
+                if not batch.is_empty(report.cursor) and loop.time() >= batch.started + batch_max_seconds:
+                    await flush()
+                if until_idle and idle_deadline is not None and loop.time() >= idle_deadline:
+                    await flush()
+                    return report
+                continue
+            item, getter = getter.result(), None
+            if isinstance(item, _Failed):
+                await flush()
+                raise item.error
+            if isinstance(item, _Connected):
+                if idle_deadline is None:
+                    idle_deadline = loop.time() + idle_seconds
+                continue
+            if batch.is_empty(report.cursor):
+                batch.started = loop.time()
+            if item.offset:
+                batch.cursor = item.offset
+            if item.body is not None:
+                idle_deadline = loop.time() + idle_seconds
+                batch.add(item)
+            if len(batch.events) + len(batch.dead) >= batch_max_events:
+                await flush()
+    finally:
+        for task in (reader, getter):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(reader, *([getter] if getter else []), return_exceptions=True)
+
+
+@dataclass
+class _Batch:
+    events: list[tuple[Event, bytes]] = field(default_factory=list)
+    dead: list[tuple[bytes, str]] = field(default_factory=list)
+    cursor: str | None = None
+    started: float = 0.0
+
+    def add(self, item: _Received) -> None:
+        assert item.body is not None
+        if item.problem is not None:
+            self.dead.append((item.body, item.problem))
+            return
+        try:
+            self.events.append((decode_event(item.body), item.body))
+        except UndecodableEvent as error:
+            self.dead.append((item.body, str(error)))
+
+    def is_empty(self, stored_cursor: str | None) -> bool:
+        return not self.events and not self.dead and (self.cursor is None or self.cursor == stored_cursor)
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.dead.clear()
+        self.cursor = None
+
+
+async def _commit(
+    pool: AsyncConnectionPool[Connection],
+    delete_mode: DeleteMode,
+    stream: str,
+    batch: _Batch,
+    report: CatchUpReport,
+) -> None:
+    """Applies a batch, then stores the cursor: a crash in between only replays events, never skips one."""
+    dead = list(batch.dead)
+    outcomes: Counter[str] = Counter()
+    if batch.events:
+        results = await apply_isolating(pool, [event for event, _ in batch.events], delete_mode)
+        for (_, body), result in zip(batch.events, results, strict=True):
+            if isinstance(result, Unstorable):
+                dead.append((body, result.error))
+            else:
+                outcomes[str(result)] += 1
+    async with pool.connection() as conn:
+        for body, error in dead:
+            await record_dead_letter(conn, DEAD_LETTER_ROUTE, body, {}, error)
+            outcomes["dead_lettered"] += 1
+        if batch.cursor is not None and batch.cursor != report.cursor:
+            await save_cursor(conn, stream, batch.cursor)
+            report.cursor = batch.cursor
+    report.received += len(batch.events) + len(batch.dead)
+    report.outcomes.update(outcomes)
+
+
+async def _read_events(
+    api: Management,
+    cursor: str | None,
+    since: datetime | None,
+    queue: asyncio.Queue[_Item],
+    sleep: Callable[[float], Awaitable[None]],
+) -> None:
+    try:
+        await _read_forever(api, cursor, since, queue, sleep)
+    except Exception as error:
+        await queue.put(_Failed(error))
+
+
+async def _read_forever(
+    api: Management,
+    cursor: str | None,
+    since: datetime | None,
+    queue: asyncio.Queue[_Item],
+    sleep: Callable[[float], Awaitable[None]],
+) -> None:
+    what = "read the Events API"
+    rate_limited = 0
+    stream_errors = 0
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as http:
+        while True:
+            params: dict[str, str | list[str]] = {"event_type": list(USER_EVENT_TYPES)}
+            if cursor is not None:
+                params["from"] = cursor
+            elif since is not None:
+                params["from_timestamp"] = rfc3339(since)
+            headers = {
+                "authorization": f"Bearer {api.access_token(what, READ_EVENTS)}",
+                "accept": "text/event-stream",
+            }
+            parser = _SseParser()
+            async with http.stream(
+                "GET", f"https://{api.domain}/api/v2/events", params=params, headers=headers
+            ) as response:
+                if response.status_code == 429 and rate_limited + 1 < MAX_ATTEMPTS:
+                    rate_limited += 1
+                    wait = retry_after(response.headers)
+                    print(
+                        f"  rate limited by Auth0 while trying to {what}; retrying in {wait:g} s",
+                        file=sys.stderr,
+                    )
+                    await sleep(wait)
+                    continue
+                if response.status_code == 410:
+                    raise _expired(cursor, since)
+                if not response.is_success:
+                    await response.aread()
+                    raise api.refused(response, what, READ_EVENTS)
+                rate_limited = 0
+                await queue.put(_Connected())
+                async for line in response.aiter_lines():
+                    message = parser.feed(line)
+                    if message is None:
+                        continue
+                    if message.event == "error":
+                        stream_errors += 1
+                        _check_stream_error(message, cursor, since, stream_errors)
+                        break
+                    stream_errors = 0
+                    item = _received(message)
+                    if item.offset:
+                        cursor = item.offset
+                    if item.offset or item.body is not None:
+                        await queue.put(item)
+            # Auth0 closes connections every few minutes to balance load: go on from the last offset.
+            await sleep(parser.retry_seconds if parser.retry_seconds is not None else RECONNECT_SECONDS)
+
+
+def _received(message: _Message) -> _Received:
+    data = "\n".join(message.data).encode()
+    try:
+        payload = _payload_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        if message.event == "offset-only":
+            return _Received(message.id)
+        return _Received(message.id, data, f"Events API message could not be read: {error}")
+    offset = message.id or payload.offset
+    if message.event == "offset-only":
+        return _Received(offset)
+    if not payload.event:
+        return _Received(offset, data, f"Events API {message.event!r} message has no event")
+    return _Received(offset, bytes(payload.event))
+
+
+def _check_stream_error(message: _Message, cursor: str | None, since: datetime | None, count: int) -> None:
+    """Raises for a terminal `event: error`; returns when reconnecting is the cure."""
+    try:
+        error = _payload_decoder.decode("\n".join(message.data).encode()).error or {}
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        error = {}
+    code = str(error.get("code") or "unknown")
+    words = f"{code}: {error.get('message') or 'no message'}"
+    if code in _CURSOR_ERRORS:
+        raise _expired(cursor, since, f" ({words})")
+    if code in _TRANSIENT_ERRORS and count < MAX_STREAM_ERRORS:
+        return
+    raise CatchUpFailed(f"Auth0 ended the event stream with an error ({words}); run relay catch-up again")
+
+
+def _expired(cursor: str | None, since: datetime | None, detail: str = "") -> CursorExpired:
+    if cursor is not None:
+        return CursorExpired(
+            f"the stored cursor has expired{detail}: {EXPIRED_ADVICE}. Auth0 keeps events for a limited "
+            "time; the backfill copies every user as they are now, and --since picks up events from then on"
+        )
+    moment = rfc3339(since) if since is not None else "the start"
+    return CursorExpired(f"Auth0 no longer holds events from {moment}{detail}: {EXPIRED_ADVICE}")

@@ -1,0 +1,313 @@
+"""`relay catch-up`: the Events API played by respx as a real server-sent event stream, delivered in chunks
+that split lines, applied to real PostgreSQL through the same handlers as live traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from relay.auth0.catch_up import catch_up, cursor_stream
+from relay.auth0.management import Credentials, Management
+from relay.auth0.progress import StatusLine
+from relay.batching import apply_isolating
+from relay.cli import main
+from relay.events import decode_event
+from tests.support import fixture
+
+DOMAIN = "acme.us.auth0.com"
+EVENTS_URL = f"https://{DOMAIN}/api/v2/events"
+CREDENTIALS = Credentials(DOMAIN, "m2m-client-id-0123", "m2m-client-secret-abcdefghijklmnop")
+AUTH0_ENVIRONMENT = {
+    "AUTH0_DOMAIN": DOMAIN,
+    "AUTH0_CLIENT_ID": CREDENTIALS.client_id,
+    "AUTH0_CLIENT_SECRET": CREDENTIALS.client_secret,
+}
+USER_ID = "auth0|679fb1b1e809445f129bc18d"
+STREAM = cursor_stream(DOMAIN)
+EXPIRED_MESSAGE = "the stored cursor has expired: run `relay backfill`, then `relay catch-up --since <time>`"
+
+
+def message(offset: str, event: dict[str, Any] | None = None) -> str:
+    """One SSE message as the Events API sends it: the offset as `id`, and again inside `data`."""
+    if event is None:
+        return f"event: offset-only\nid: {offset}\ndata: {json.dumps({'offset': offset})}\n\n"
+    payload = json.dumps({"offset": offset, "event": event})
+    return f"event: {event['type']}\nid: {offset}\ndata: {payload}\n\n"
+
+
+async def sse_body(text: str, *, chunk_size: int = 29, stay_open: bool = True) -> AsyncIterator[bytes]:
+    """The stream in small chunks that cut lines in two, then open and silent, as an idle stream is."""
+    data = (":connected\n\nretry: 2000\n\n" + text).encode()
+    for start in range(0, len(data), chunk_size):
+        yield data[start : start + chunk_size]
+        await asyncio.sleep(0)
+    if stay_open:
+        await asyncio.sleep(3600)
+
+
+def stream_response(text: str, **options: Any) -> httpx.Response:
+    return httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=sse_body(text, **options)
+    )
+
+
+def mock_token(auth0: respx.MockRouter) -> None:
+    auth0.post(f"https://{DOMAIN}/oauth/token").mock(
+        return_value=httpx.Response(
+            200, json={"access_token": "management-token", "expires_in": 86400, "token_type": "Bearer"}
+        )
+    )
+
+
+def undecodable_update() -> dict[str, Any]:
+    event = fixture("user.updated")
+    event["id"] = "evt_Undecodable0000000001"
+    del event["data"]["object"]["user_id"]
+    return event
+
+
+async def no_wait(_seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
+async def run_catch_up(pool: Any, **options: Any) -> tuple[Any, str]:
+    progress = io.StringIO()
+    report = await catch_up(
+        Management(CREDENTIALS),
+        pool,
+        "soft",
+        idle_seconds=0.3,
+        status=StatusLine(progress),
+        sleep=no_wait,
+        **options,
+    )
+    return report, progress.getvalue()
+
+
+@pytest.mark.anyio
+async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_resumed(
+    pool: Any, database: Any
+) -> None:
+    created, updated, deleted = (
+        fixture("user.created"),
+        fixture("user.updated"),
+        fixture("user.deleted.minimal"),
+    )
+    # Received live before the outage: the Events API replays it, and the ledger knows it.
+    live = await apply_isolating(pool, [decode_event(json.dumps(created).encode())], "soft")
+    assert [str(result) for result in live] == ["applied"]
+    first_run = "".join(
+        [
+            message("b2Zmc2V0LTAx", created),
+            message("b2Zmc2V0LTAy"),
+            message("b2Zmc2V0LTAz", updated),
+            message("b2Zmc2V0LTA0", undecodable_update()),
+            message("b2Zmc2V0LTA1", deleted),
+            ": heartbeat\n\n",
+            message("b2Zmc2V0LTA2"),  # offset-only after the last event: the cursor moves on
+        ]
+    )
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        route = auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(first_run))
+
+        report, progress = await run_catch_up(
+            pool, since=datetime.fromisoformat("2025-02-01T00:00:00Z"), batch_max_events=2
+        )
+
+    request = route.calls[0].request
+    assert request.url.params.get_list("event_type") == ["user.created", "user.updated", "user.deleted"]
+    assert request.url.params["from_timestamp"] == "2025-02-01T00:00:00Z"
+    assert "from" not in request.url.params
+    assert request.headers["authorization"] == "Bearer management-token"
+    assert request.headers["accept"] == "text/event-stream"
+
+    assert report.received == 4
+    assert dict(report.outcomes) == {"duplicate": 1, "applied": 1, "dead_lettered": 1, "tombstoned": 1}
+    assert report.cursor == "b2Zmc2V0LTA2"
+    assert database.query("SELECT stream, cursor FROM event_cursors") == [(STREAM, "b2Zmc2V0LTA2")]
+    assert database.query(
+        "SELECT email, deleted_at IS NOT NULL FROM users WHERE user_id = %s", [USER_ID]
+    ) == [("Jane.Doe@Example.com", True)]
+    assert database.query("SELECT event_id, outcome FROM processed_events ORDER BY event_time") == [
+        (created["id"], "applied"),
+        (updated["id"], "applied"),
+        (deleted["id"], "tombstoned"),
+    ]
+    [(route_name, body, error)] = database.query("SELECT route, body, error FROM dead_letters")
+    assert (route_name, json.loads(body)) == ("catch-up", undecodable_update())
+    assert "user_id" in error
+    # Batches of two commit one after the other, each storing the cursor it reached.
+    assert "catch-up: 2 events (1 applied, 1 duplicate); cursor b2Zmc2V0LTAz" in progress
+    assert progress.rstrip().endswith("cursor b2Zmc2V0LTA2")
+
+    # The next run goes on from the stored cursor, and Auth0's replay of an event it had sent is a duplicate.
+    second_run = message("b2Zmc2V0LTA1", deleted) + message("b2Zmc2V0LTA3")
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        route = auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(second_run))
+
+        report, _ = await run_catch_up(pool)
+
+    assert route.calls[0].request.url.params["from"] == "b2Zmc2V0LTA2"
+    assert "from_timestamp" not in route.calls[0].request.url.params
+    assert (report.received, dict(report.outcomes), report.cursor) == (1, {"duplicate": 1}, "b2Zmc2V0LTA3")
+    assert database.query("SELECT cursor FROM event_cursors") == [("b2Zmc2V0LTA3",)]
+
+
+@pytest.fixture
+def relay_env(monkeypatch: pytest.MonkeyPatch, database: Any) -> Any:
+    monkeypatch.setenv("DATABASE_URL", database.conninfo)
+    monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
+    monkeypatch.setenv("RELAY_LOG_LEVEL", "WARNING")
+    for name, value in AUTH0_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    return database
+
+
+def test_the_command_catches_up_then_stops_when_idle(
+    relay_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created, updated = fixture("user.created"), fixture("user.updated")
+    body = message("MTAx", created) + message("MTAy", updated) + message("MTAz")
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body))
+
+        status = main(["catch-up", "--since", "2025-02-01T00:00:00Z", "--idle-seconds", "0.3"])
+
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.strip() == "catch-up done: 2 events (2 applied, 0 duplicate); cursor MTAz"
+    assert "catch-up: 2 events (2 applied, 0 duplicate); cursor MTAz" in captured.err
+    assert relay_env.query("SELECT email FROM live_users") == [("Jane.Doe@Example.com",)]
+    assert relay_env.query("SELECT cursor FROM event_cursors") == [("MTAz",)]
+
+
+def test_without_a_stored_cursor_the_command_asks_for_since(
+    relay_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with respx.mock(assert_all_mocked=True):
+        status = main(["catch-up"])
+
+    assert status == 1
+    assert "relay catch-up: no stored cursor yet: pass --since <time>" in capsys.readouterr().err
+
+
+def test_an_expired_cursor_tells_the_operator_to_backfill(
+    relay_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    relay_env.query(
+        "INSERT INTO event_cursors (stream, cursor) VALUES (%s, %s)", [STREAM, "c3RhbGUtY3Vyc29y"]
+    )
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        route = auth0.get(EVENTS_URL).mock(
+            return_value=httpx.Response(410, json={"statusCode": 410, "message": "The offset has expired"})
+        )
+
+        status = main(["catch-up", "--idle-seconds", "0.3"])
+
+    assert status == 1
+    assert route.calls[0].request.url.params["from"] == "c3RhbGUtY3Vyc29y"
+    assert f"relay catch-up: {EXPIRED_MESSAGE}" in capsys.readouterr().err
+    assert relay_env.query("SELECT cursor FROM event_cursors") == [("c3RhbGUtY3Vyc29y",)]
+
+
+@pytest.mark.anyio
+async def test_a_cursor_expired_error_message_in_the_stream_is_the_same_advice(
+    pool: Any, database: Any
+) -> None:
+    database.query("INSERT INTO event_cursors (stream, cursor) VALUES (%s, %s)", [STREAM, "b2xk"])
+    error = {"error": {"code": "cursor_expired", "message": "offset is too old"}}
+    body = f"event: error\ndata: {json.dumps(error)}\n\n"
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body, stay_open=False))
+
+        with pytest.raises(
+            Exception, match="the stored cursor has expired \\(cursor_expired: offset is too old\\)"
+        ):
+            await run_catch_up(pool)
+
+
+@pytest.mark.anyio
+async def test_rate_limited_connection_waits_for_retry_after_then_streams(pool: Any, database: Any) -> None:
+    waits: list[float] = []
+
+    async def recording_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    body = message("MQ", fixture("user.created")) + message("Mg")
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        route = auth0.get(EVENTS_URL).mock(
+            side_effect=[
+                httpx.Response(429, headers={"Retry-After": "7"}, json={"message": "Too Many Requests"}),
+                stream_response(body),
+            ]
+        )
+        report = await catch_up(
+            Management(CREDENTIALS),
+            pool,
+            "soft",
+            since=datetime.fromisoformat("2025-02-01T00:00:00+00:00"),
+            idle_seconds=0.3,
+            status=StatusLine(io.StringIO()),
+            sleep=recording_sleep,
+        )
+
+    assert route.call_count == 2
+    assert waits == [7.0]
+    assert (dict(report.outcomes), report.cursor) == ({"applied": 1}, "Mg")
+    assert database.query("SELECT count(*) FROM live_users") == [(1,)]
+
+
+@pytest.mark.anyio
+async def test_a_stream_closed_by_auth0_is_reopened_from_the_last_offset(pool: Any, database: Any) -> None:
+    """Auth0 closes connections every few minutes to balance load; the reader goes on where it was."""
+    created, updated = fixture("user.created"), fixture("user.updated")
+    bodies = {
+        None: (message("Zmlyc3Q", created) + message("c2Vjb25k"), False),
+        "c2Vjb25k": (message("dGhpcmQ", updated), True),
+    }
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        text, stay_open = bodies[request.url.params.get("from")]
+        return stream_response(text, stay_open=stay_open)
+
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        route = auth0.get(EVENTS_URL).mock(side_effect=answer)
+
+        report, _ = await run_catch_up(pool, since=datetime.fromisoformat("2025-02-01T00:00:00+00:00"))
+
+    assert [call.request.url.params.get("from") for call in route.calls] == [None, "c2Vjb25k"]
+    assert (dict(report.outcomes), report.cursor) == ({"applied": 2}, "dGhpcmQ")
+    assert database.query("SELECT email FROM users") == [("Jane.Doe@Example.com",)]
+
+
+def test_a_refused_token_scope_names_read_events(relay_env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with respx.mock(assert_all_mocked=True) as auth0:
+        mock_token(auth0)
+        auth0.get(EVENTS_URL).mock(
+            return_value=httpx.Response(
+                403, json={"statusCode": 403, "error": "Forbidden", "message": "Insufficient scope"}
+            )
+        )
+
+        status = main(["catch-up", "--since", "2025-02-01T00:00:00Z", "--idle-seconds", "0.3"])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "Auth0 refused to read the Events API (403 Forbidden: Insufficient scope)" in err
+    assert "read:events" in err
