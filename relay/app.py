@@ -6,6 +6,7 @@ PostgreSQL cannot take the event now (Auth0 retries 5xx, never 4xx), and 200 onl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from litestar.response import Response
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from relay.batching import GroupCommitter, Saturated
-from relay.ingest import Applier, EventResult, ingest_body
+from relay.ingest import Applier, EventResult, NotAllowed, ingest_body
 from relay.migrations import latest_version
 from relay.observability import ACK_SECONDS, AUTH_FAILURES, UNAVAILABLE, watch_pool, watch_queue
 from relay.settings import Settings
@@ -34,6 +35,10 @@ log = logging.getLogger("relay")
 
 # Auth0 retries after 1, 2 and 4 s; a short hint keeps the retry inside that window.
 RETRY_AFTER_SECONDS = 2
+# Auth0 and the Action send a body at once; anything slower is a client holding a connection open.
+BODY_READ_SECONDS = 10
+# Connections served at once; beyond it uvicorn answers 503 (Auth0 retries) instead of exhausting sockets.
+MAX_CONCURRENT_CONNECTIONS = 1000
 
 
 @dataclass(slots=True)
@@ -83,8 +88,21 @@ async def _ingest(
     started = time.perf_counter()
     try:
         results = await ingest_body(
-            relay.pool, relay.apply, route=route, headers=request.headers, body=body, **options
+            relay.pool,
+            relay.apply,
+            route=route,
+            headers=request.headers,
+            body=body,
+            allowed_tenants=relay.settings.allowed_tenants,
+            allowed_streams=relay.settings.allowed_streams,
+            **options,
         )
+    except NotAllowed as refused:
+        # Authentic, but another tenant's or stream's event: not ours to store, and Auth0 must see a failure.
+        AUTH_FAILURES.labels(route, "origin_not_allowed").inc()
+        fields = {"route": route, "status": 403, "reason": "origin_not_allowed"}
+        log.warning("request refused", extra={"fields": fields})
+        return _error(403, refused.reason)
     except Saturated as saturated:
         return _unavailable_because(route, "saturated", "relay saturated; retry later", str(saturated))
     except (PoolTimeout, TooManyRequests):
@@ -118,6 +136,17 @@ async def _ingest(
     return _accepted(results)
 
 
+async def _read_body(request: Request[Any, Any, Any]) -> bytes:
+    """The whole body, within BODY_READ_SECONDS: a client trickling it cannot hold a connection forever."""
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            return await request.body()
+    except TimeoutError:
+        raise HTTPException(
+            status_code=408, detail=f"body not received within {BODY_READ_SECONDS} s"
+        ) from None
+
+
 def _refused(route: str, rejected: Rejected) -> Response[dict[str, str]]:
     AUTH_FAILURES.labels(route, rejected.code).inc()
     log.warning("request refused", extra={"fields": {"route": route, "status": 401, "reason": rejected.code}})
@@ -136,7 +165,7 @@ def _unavailable_because(route: str, cause: str, reason: str, detail: str) -> Re
 async def receive_from_action(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     """One CloudEvent signed by the Auth0 Action (Standard Webhooks v1)."""
     relay = _relay(state)
-    body = await request.body()
+    body = await _read_body(request)
     try:
         event_id = verify_standard_webhook(
             request.headers, body, relay.settings.signing_secrets, relay.clock()
@@ -161,7 +190,7 @@ async def receive_from_webhook(request: Request[Any, Any, Any], state: State) ->
         )
     except Rejected as rejected:
         return _refused("webhook", rejected)
-    return await _ingest(request, relay, "webhook", await request.body())
+    return await _ingest(request, relay, "webhook", await _read_body(request))
 
 
 @get("/healthz")
@@ -246,12 +275,22 @@ def create_app(
     )
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(app: Litestar, settings: Settings) -> None:
     """Runs `app` under uvicorn until SIGINT or SIGTERM, then lets in-flight batches commit."""
+    import signal
+
     import uvicorn
 
+    # Uvicorn raises SIGTERM again once its graceful shutdown is over, which would end the process as killed
+    # by the signal (status 143); by then every accepted event is committed, so report a clean exit instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         app,
+        limit_concurrency=MAX_CONCURRENT_CONNECTIONS,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

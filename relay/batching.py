@@ -60,8 +60,9 @@ async def apply_isolating(
                 async with pool.connection() as conn:
                     return list(await apply_events(conn, events, delete_mode))
             except psycopg.errors.DeadlockDetected:
-                # Possible only when two batches race to create the same new users while holding other
-                # locks; PostgreSQL has rolled one back, and running it again is safe.
+                # Batches lock rows in one order and cannot deadlock each other, but another writer (an
+                # operator's own transaction) may lock out of order; PostgreSQL rolled this batch back, and
+                # running it again is safe.
                 if attempt == DEADLOCK_ATTEMPTS:
                     raise
                 log.info("batch of %d events chosen as a deadlock victim; retrying", len(events))

@@ -113,10 +113,24 @@ class UndecodableEvent(ValueError):
     """An authentic body that cannot become an event; the message says why, for the dead letter."""
 
 
+class _OriginFields(Struct, forbid_unknown_fields=False):
+    a0tenant: Any = None
+    a0stream: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an event says it comes from: its `a0tenant` and `a0stream`, when it names them."""
+
+    tenant: str | None
+    stream: str | None
+
+
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 _user_data_decoder = msgspec.json.Decoder(UserEventData)
 _profile_decoder = msgspec.json.Decoder(dict[str, Any])
 _body_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_origin_decoder = msgspec.json.Decoder(_OriginFields)
 _KINDS = {kind.value: kind for kind in EventKind}
 # msgspec reports invalid UTF-8 inside a JSON string as UnicodeDecodeError, not as a DecodeError.
 _DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
@@ -168,6 +182,19 @@ def decode_event(raw: bytes) -> Event:
         profile=profile,
         is_snapshot=all(profile.get(name) is not None for name in SNAPSHOT_FIELDS),
         deleted_at=deleted_at,
+    )
+
+
+def read_origin(raw: bytes) -> Origin | None:
+    """The tenant and stream an item names, read before (and whether or not) it decodes as an event, so
+    the allow-lists hold for broken events too; None when the item is not even a JSON object."""
+    try:
+        found = _origin_decoder.decode(raw)
+    except _DECODE_ERRORS:
+        return None
+    return Origin(
+        found.a0tenant if isinstance(found.a0tenant, str) else None,
+        found.a0stream if isinstance(found.a0stream, str) else None,
     )
 
 

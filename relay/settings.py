@@ -24,6 +24,9 @@ DeleteMode = Literal["soft", "scrub"]
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# As Auth0 documents `a0tenant` (the tenant name) and `a0stream` (the event stream id).
+_TENANT_NAME = re.compile(r"[a-z0-9][-a-z0-9]{1,62}[a-z0-9]")
+_STREAM_ID = re.compile(r"est_[A-Za-z0-9]{1,64}")
 # Standard Webhooks secrets carry 24 to 64 random bytes; fewer is too weak to accept.
 _MIN_SECRET_BYTES = 24
 
@@ -70,6 +73,10 @@ class Settings:
     """Where the embedded PostgreSQL and the generated development credentials live."""
     log_level: str = "INFO"
     """Python logging level name."""
+    allowed_tenants: frozenset[str] = frozenset()
+    """Tenants (`a0tenant`) whose events are accepted; empty accepts any."""
+    allowed_streams: frozenset[str] = frozenset()
+    """Event streams (`a0stream`) whose events are accepted; empty accepts any."""
 
     @property
     def has_credentials(self) -> bool:
@@ -124,6 +131,18 @@ class Settings:
             queue_max_events=_integer(env, "RELAY_QUEUE_MAX_EVENTS", 2000, 1, 1_000_000),
             data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
             log_level=log_level,
+            allowed_tenants=_names(
+                text("RELAY_ALLOWED_TENANTS"),
+                "RELAY_ALLOWED_TENANTS",
+                _TENANT_NAME,
+                "acme (the tenant name in acme.us.auth0.com)",
+            ),
+            allowed_streams=_names(
+                text("RELAY_ALLOWED_STREAMS"),
+                "RELAY_ALLOWED_STREAMS",
+                _STREAM_ID,
+                "est_38ANnv8pQhqsZrX2VFbftv",
+            ),
         )
 
 
@@ -164,6 +183,14 @@ def decode_signing_secret(secret: str, variable: str) -> bytes:
 
 def _items(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _names(value: str | None, variable: str, pattern: re.Pattern[str], example: str) -> frozenset[str]:
+    names = _items(value)
+    for name in names:
+        if not pattern.fullmatch(name):
+            raise ConfigError(f"{variable}: expected comma-separated values like {example}, got {name!r}")
+    return frozenset(names)
 
 
 def _basic_pairs(value: str | None) -> list[str]:

@@ -29,27 +29,27 @@ if TYPE_CHECKING:
 
 Connection = AsyncConnection[Any]
 
-# Locks the batch's known users, in user_id order: the deterministic lock order that keeps concurrent
-# batches (and replicas) queueing on each other instead of deadlocking.
-LOCK_USERS = """
-SELECT user_id, profile, merge_state, deleted_at
-  FROM users
- WHERE user_id = ANY(%(user_ids)b::text[])
- ORDER BY user_id
-   FOR UPDATE
-"""
-
-# Users seen for the first time, inserted in user_id order. A row another transaction inserted meanwhile is
-# left alone and missing from the answer: the caller locks it and merges again.
-INSERT_USERS = """
+# Claims every user of a batch in one statement, in user_id order: a user seen for the first time is
+# inserted with the state its events give it, and a known user's row is locked without being written
+# (`DO UPDATE … WHERE false` locks the row and changes nothing). Every batch, from any replica, takes its
+# row locks in this one order, so concurrent batches queue on each other instead of deadlocking.
+# Returns the users it inserted; the others are known, locked, and merged next.
+CLAIM_USERS = """
 INSERT INTO users (user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
 SELECT user_id, profile::jsonb, merge_state::jsonb, deleted_at, last_event_processed, last_event_id
   FROM unnest(%(user_ids)b::text[], %(profiles)b::text[], %(merge_states)b::text[],
               %(deleted_ats)b::timestamptz[], %(last_event_times)b::timestamptz[], %(last_event_ids)b::text[])
        AS batch(user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
  ORDER BY user_id
-ON CONFLICT (user_id) DO NOTHING
+ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id WHERE false
 RETURNING user_id
+"""
+
+# The known users of a batch, already locked by CLAIM_USERS (or its backfill twin).
+READ_USERS = """
+SELECT user_id, profile, merge_state, deleted_at
+  FROM users
+ WHERE user_id = ANY(%(user_ids)b::text[])
 """
 
 # One statement for the whole batch. The arrays are sent in binary (`%(…)b`): no quoting or escaping of the
@@ -76,6 +76,7 @@ RECORD_EVENTS = """
 INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
 SELECT * FROM unnest(%(event_ids)b::text[], %(event_types)b::text[], %(user_ids)b::text[],
                      %(event_times)b::timestamptz[], %(outcomes)b::text[])
+ ORDER BY 1
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
@@ -100,19 +101,13 @@ COPY_BACKFILL_ROWS = """
 COPY backfill_rows (user_id, profile, merge_state, last_event_processed) FROM STDIN
 """
 
-LOCK_BACKFILLED_USERS = """
-SELECT u.user_id, u.profile, u.merge_state, u.deleted_at
-  FROM users u JOIN backfill_rows b USING (user_id)
- ORDER BY u.user_id
-   FOR UPDATE OF u
-"""
-
-INSERT_BACKFILLED_USERS = """
+# The backfill's CLAIM_USERS: the same single statement and order, over the staged rows.
+CLAIM_BACKFILLED_USERS = """
 INSERT INTO users (user_id, profile, merge_state, last_event_processed, last_event_id)
 SELECT b.user_id, b.profile, b.merge_state, b.last_event_processed, %(version_id)s
   FROM backfill_rows b
  ORDER BY b.user_id
-ON CONFLICT (user_id) DO NOTHING
+ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id WHERE false
 RETURNING user_id
 """
 
@@ -198,22 +193,17 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
                 by_user.setdefault(event.user_id, []).append((index, event))
 
         if by_user:
-            stored = await _lock_users(cursor, sorted(by_user))
-            new_users = sorted(by_user.keys() - stored.keys())
-            if new_users:
-                states = {
-                    user_id: _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
-                    for user_id in new_users
-                }
-                await cursor.execute(INSERT_USERS, _user_columns(states[user_id] for user_id in new_users))
-                inserted = {row[0] for row in await cursor.fetchall()}
-                # Inserted meanwhile by a concurrent batch: lock it now and merge over what that batch wrote.
-                stored |= await _lock_users(cursor, sorted(set(new_users) - inserted))
-            if stored:
-                merged = [
-                    _merge(state, by_user[user_id], outcomes, delete_mode)
-                    for user_id, state in stored.items()
-                ]
+            as_new = (
+                _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
+                for user_id in sorted(by_user)
+            )
+            await cursor.execute(CLAIM_USERS, _user_columns(as_new))
+            inserted = {row[0] for row in await cursor.fetchall()}
+            known = await _read_users(cursor, sorted(by_user.keys() - inserted))
+            if known:
+                merged = (
+                    _merge(state, by_user[user_id], outcomes, delete_mode) for user_id, state in known.items()
+                )
                 await cursor.execute(UPDATE_USERS, _user_columns(merged))
 
         to_record = [(index, event) for index, event in fresh if outcomes[index] is not Outcome.DUPLICATE]
@@ -253,16 +243,10 @@ async def merge_snapshots(
                         from_micros(row.version_us),
                     )
                 )
-        await cursor.execute(LOCK_BACKFILLED_USERS)
-        stored = {
-            user_id: UserState.from_stored(user_id, profile, merge_state, deleted_at)
-            for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
-        }
-        await cursor.execute(INSERT_BACKFILLED_USERS, {"version_id": rows[0].as_event().id if rows else ""})
+        await cursor.execute(CLAIM_BACKFILLED_USERS, {"version_id": rows[0].as_event().id if rows else ""})
         inserted = {row[0] for row in await cursor.fetchall()}
         counts.inserted = len(inserted)
-        # Created by live events since the lock above: merge over what they wrote.
-        stored |= await _lock_users(cursor, sorted(by_user.keys() - stored.keys() - inserted))
+        stored = await _read_users(cursor, sorted(by_user.keys() - inserted))
         for user_id, state in stored.items():
             outcome = apply_event(state, by_user[user_id].as_event(), delete_mode)
             if outcome is Outcome.STALE:
@@ -274,10 +258,10 @@ async def merge_snapshots(
     return counts
 
 
-async def _lock_users(cursor: AsyncCursor[Any], user_ids: list[str]) -> dict[str, UserState]:
+async def _read_users(cursor: AsyncCursor[Any], user_ids: list[str]) -> dict[str, UserState]:
     if not user_ids:
         return {}
-    await cursor.execute(LOCK_USERS, {"user_ids": user_ids})
+    await cursor.execute(READ_USERS, {"user_ids": user_ids})
     return {
         user_id: UserState.from_stored(user_id, profile, merge_state, deleted_at)
         for user_id, profile, merge_state, deleted_at in await cursor.fetchall()

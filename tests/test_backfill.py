@@ -505,8 +505,9 @@ async def test_chunks_commit_one_by_one_and_the_newest_row_of_a_user_wins(pool: 
 
 @pytest.mark.anyio
 async def test_a_chunk_chosen_as_a_deadlock_victim_is_merged_again(pool: Any, database: Any) -> None:
-    """Live batches lock known users, then insert new ones: two phases, so a backfill chunk and live traffic
-    can deadlock. PostgreSQL rolls one back; the chunk must then be merged again, not fail the backfill."""
+    """The relay takes row locks in user_id order, but another writer (an operator's own transaction, say)
+    may not, and can deadlock with a chunk. PostgreSQL rolls one back; if it picks the chunk, the chunk must
+    be merged again, not fail the backfill."""
     first, second = "auth0|user00000", "auth0|user00001"
     await load(pool, [export_row(first, BASE_TIME), export_row(second, BASE_TIME)])
     newer = BASE_TIME + timedelta(hours=1)
@@ -532,7 +533,7 @@ async def wait_for_a_lock_wait(database: Any, seconds: float = 10) -> None:
     while asyncio.get_running_loop().time() < deadline:
         waiting = database.query(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-            ["%JOIN backfill_rows%"],
+            ["%FROM backfill_rows%"],
         )
         if waiting[0][0] > 0:
             return

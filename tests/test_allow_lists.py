@@ -1,0 +1,228 @@
+"""`RELAY_ALLOWED_TENANTS` and `RELAY_ALLOWED_STREAMS`: an authentic request carrying an event from another
+tenant or stream is answered 403 and nothing of it is stored, not even a dead letter.
+
+Why 403: the credentials are valid, so 401 would be a lie (promise 5 keeps 401 for bad credentials), and the
+event is not ours, so neither applying it nor keeping it as a dead letter (2xx) is right: that would keep
+another tenant's personal data and hide a misdirected stream for ever. A 4xx is not retried by Auth0, shows
+in its delivery log, and a stream that keeps sending here is eventually disabled, which is what should
+happen to it. A body that is not even a JSON object names no origin and is dead-lettered as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from relay.batching import apply_isolating
+from relay.ingest import NotAllowed, ingest_body
+from relay.settings import ConfigError, Settings
+from tests.conftest import TestDatabase as Database  # aliased: pytest would try to collect Test*
+from tests.support import RelayProcess, encode, fixture, relay_environment, running_relay
+from tests.test_http import ROUTES, assert_stored_as_sent, deliver, empty_tables, migrated_schema, row_counts
+from tests.test_operations import insert_dead_letter, relay_command
+
+TENANT = "acme"  # the fixtures' a0tenant and a0stream
+STREAM = "est_38ANnv8pQhqsZrX2VFbftv"
+OTHER_STREAM = "est_0therStream0000000000"
+NOTHING_STORED = {"users": 0, "processed_events": 0, "dead_letters": 0}
+
+
+def from_origin(name: str = "user.created", **origin: Any) -> dict[str, Any]:
+    event = fixture(name)
+    for key, value in origin.items():
+        if value is None:
+            del event[key]
+        else:
+            event[key] = value
+    return event
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_allow_lists_are_read_as_sets_of_names() -> None:
+    settings = Settings.from_env(
+        {"RELAY_ALLOWED_TENANTS": " acme, acme-staging ", "RELAY_ALLOWED_STREAMS": f"{STREAM},{OTHER_STREAM}"}
+    )
+    assert settings.allowed_tenants == {"acme", "acme-staging"}
+    assert settings.allowed_streams == {STREAM, OTHER_STREAM}
+
+
+def test_allow_lists_are_empty_when_unset_so_any_origin_is_accepted() -> None:
+    settings = Settings.from_env({})
+    assert (settings.allowed_tenants, settings.allowed_streams) == (frozenset(), frozenset())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RELAY_ALLOWED_TENANTS", "acme.us.auth0.com"),
+        ("RELAY_ALLOWED_TENANTS", "Acme"),
+        ("RELAY_ALLOWED_STREAMS", "38ANnv8pQhqsZrX2VFbftv"),
+        ("RELAY_ALLOWED_STREAMS", "est_with space"),
+    ],
+)
+def test_a_malformed_allow_list_names_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{variable}: expected comma-separated values like"):
+        Settings.from_env({variable: value})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rule, through ingest_body on real PostgreSQL
+
+
+async def ingest(
+    pool: Any,
+    body: bytes,
+    *,
+    tenants: frozenset[str] | set[str],
+    streams: frozenset[str] | set[str] = frozenset(),
+) -> list[Any]:
+    async def apply(events: Any) -> Any:
+        return await apply_isolating(pool, events, "soft")
+
+    return await ingest_body(
+        pool,
+        apply,
+        route="webhook",
+        headers={},
+        body=body,
+        allowed_tenants=tenants,
+        allowed_streams=streams,
+    )
+
+
+@pytest.mark.anyio
+async def test_an_event_from_an_allowed_tenant_and_stream_is_applied(pool: Any, database: Database) -> None:
+    event = fixture("user.created")
+    [result] = await ingest(pool, encode(event), tenants={TENANT, "acme-dev"}, streams={STREAM})
+    assert result.outcome == "applied"
+    assert_stored_as_sent(database, event)
+
+
+REFUSED_BODIES = {
+    "another tenant": (encode(from_origin(a0tenant="acme-dev")), "tenant (a0tenant) 'acme-dev'"),
+    "another stream": (
+        encode(from_origin(a0stream=OTHER_STREAM)),
+        f"event stream (a0stream) '{OTHER_STREAM}'",
+    ),
+    "no tenant": (encode(from_origin(a0tenant=None)), "names no tenant"),
+    "no stream": (encode(from_origin(a0stream=None)), "names no event stream"),
+    "a tenant that is not a string": (encode(from_origin(a0tenant=7)), "names no tenant"),
+    "a test event from another tenant": (
+        encode(from_origin("test-event", a0tenant="acme-dev")),
+        "'acme-dev'",
+    ),
+    "an undecodable event from another tenant": (
+        encode({"id": "evt_x", "type": "user.created", "a0tenant": "acme-dev", "a0stream": STREAM}),
+        "'acme-dev'",
+    ),
+    "an array with one event from another tenant": (
+        encode([fixture("user.created"), from_origin("user.updated", a0tenant="acme-dev")]),
+        "'acme-dev'",
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", sorted(REFUSED_BODIES))
+async def test_an_event_from_elsewhere_is_refused_and_nothing_of_the_body_is_stored(
+    pool: Any, database: Database, case: str
+) -> None:
+    body, reason = REFUSED_BODIES[case]
+    with pytest.raises(NotAllowed) as refused:
+        await ingest(pool, body, tenants={TENANT}, streams={STREAM})
+    assert reason in refused.value.reason
+    assert row_counts(database) == NOTHING_STORED
+
+
+@pytest.mark.anyio
+async def test_a_refusal_never_echoes_an_absurdly_long_tenant_whole(pool: Any, database: Database) -> None:
+    with pytest.raises(NotAllowed) as refused:
+        await ingest(pool, encode(from_origin(a0tenant="x" * 5000)), tenants={TENANT})
+    assert len(refused.value.reason) < 200
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_not_a_json_object_is_still_dead_lettered(pool: Any, database: Database) -> None:
+    [result] = await ingest(pool, b"\x00 not json", tenants={TENANT}, streams={STREAM})
+    assert result.outcome == "dead_lettered"
+    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
+@pytest.mark.anyio
+async def test_only_the_lists_that_are_set_are_checked(pool: Any, database: Database) -> None:
+    event = from_origin(a0stream=OTHER_STREAM)
+    [result] = await ingest(pool, encode(event), tenants={TENANT})
+    assert result.outcome == "applied"
+
+
+def test_replaying_a_dead_letter_from_a_tenant_no_longer_allowed_fails_and_keeps_it(
+    database: Database,
+) -> None:
+    letter_id = insert_dead_letter(database, encode(from_origin(a0tenant="acme-dev")))
+
+    replayed = relay_command(database, "dead-letters", "replay", RELAY_ALLOWED_TENANTS=TENANT)
+
+    assert replayed.returncode == 1
+    assert f"dead letter {letter_id}: failing: events from tenant (a0tenant) 'acme-dev'" in replayed.stdout
+    assert database.query(
+        "SELECT resolved_at IS NULL, error LIKE '%%RELAY_ALLOWED_TENANTS%%' FROM dead_letters"
+    ) == [(True, True)]
+    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Over HTTP: 403 with the reason, through a real relay process
+
+
+@pytest.fixture(scope="module")
+def shared_database(database_server: str) -> Iterator[Database]:
+    with migrated_schema(database_server, prefix="test_allow_") as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def guarded_relay(shared_database: Database) -> Iterator[RelayProcess]:
+    env = relay_environment(
+        shared_database.conninfo,
+        shared_database.schema,
+        RELAY_ALLOWED_TENANTS=TENANT,
+        RELAY_ALLOWED_STREAMS=STREAM,
+    )
+    with running_relay(env) as process:
+        yield process
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_over_http_an_allowed_event_is_applied_and_another_tenants_is_403(
+    guarded_relay: RelayProcess, shared_database: Database, route: str
+) -> None:
+    database = empty_tables(shared_database)
+    ours, theirs = fixture("user.created"), from_origin("user.updated", a0tenant="acme-dev")
+    with guarded_relay.client() as client:
+        accepted = deliver(client, route, encode(ours), ours["id"])
+        refused = deliver(client, route, encode(theirs), theirs["id"])
+
+    assert accepted.status_code == 200, accepted.text
+    assert refused.status_code == 403, refused.text
+    assert "acme-dev" in refused.json()["error"]
+    assert "RELAY_ALLOWED_TENANTS" in refused.json()["error"]
+    assert_stored_as_sent(database, ours)
+    assert row_counts(database) == {"users": 1, "processed_events": 1, "dead_letters": 0}
+
+
+def test_over_http_a_webhook_array_with_one_foreign_event_is_403_and_stores_nothing(
+    guarded_relay: RelayProcess, shared_database: Database
+) -> None:
+    database = empty_tables(shared_database)
+    body = encode([fixture("user.created"), from_origin("user.updated", a0stream=OTHER_STREAM)])
+    with guarded_relay.client() as client:
+        refused = deliver(client, "webhook", body)
+
+    assert refused.status_code == 403, refused.text
+    assert OTHER_STREAM in refused.json()["error"]
+    assert row_counts(database) == NOTHING_STORED
