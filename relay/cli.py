@@ -1,5 +1,6 @@
-"""The `relay` console script: `serve`, `migrate`, `send-sample` for a first look, and the Auth0 tasks
-`deploy-action` and `verify`."""
+"""The `relay` console script: `serve` and `migrate`; `send-sample` for a first look; the Auth0 tasks
+`deploy-action`, `verify`, `backfill`, `catch-up`, `deliveries` and `redeliver`; and the operator's
+`dead-letters` and `prune`. Each command's work lives in its own module; this one only parses and wires."""
 
 from __future__ import annotations
 
