@@ -88,6 +88,7 @@ def main() -> int:
     ]
     if args.soak_seconds:
         runs.append(("group commit, memory run", "relay", {}, args.soak_seconds))
+    drop_earlier_runs(conninfo)
     results = []
     for name, server, overrides, seconds in runs:
         print(f"running: {name} ...", flush=True)
@@ -121,6 +122,15 @@ def fresh_schema(conninfo: str, schema: str) -> None:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     asyncio.run(migrate(conninfo, schema))
+
+
+def drop_earlier_runs(conninfo: str) -> None:
+    """Earlier runs' tables would keep autovacuum busy on the cores this run measures."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        found = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%%'").fetchall()
+        for (schema,) in found:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        conn.execute("CHECKPOINT")
 
 
 def write_events(prefix: Path, count: int, threads: int, run_tag: str) -> None:
