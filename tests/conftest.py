@@ -20,6 +20,7 @@ from relay.embedded import start_embedded
 from relay.migrations import migrate
 from relay.settings import Settings
 from relay.store import Connection, create_pool
+from tests.support import AUTH0_ENVIRONMENT
 
 BACKENDS = ["embedded"] + (["service"] if os.environ.get("TEST_DATABASE_URL") else [])
 
@@ -61,6 +62,17 @@ def database(database_server: str) -> Iterator[TestDatabase]:
     yield TestDatabase(database_server, schema)
     with psycopg.connect(database_server, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def relay_env(monkeypatch: pytest.MonkeyPatch, database: TestDatabase) -> TestDatabase:
+    """The environment the operator commands read: the test's schema, and Auth0 credentials for respx."""
+    monkeypatch.setenv("DATABASE_URL", database.conninfo)
+    monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
+    monkeypatch.setenv("RELAY_LOG_LEVEL", "WARNING")
+    for name, value in AUTH0_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    return database
 
 
 @pytest.fixture

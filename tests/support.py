@@ -28,6 +28,14 @@ WEBHOOK_TOKEN = "test-bearer-token-0123456789"
 WEBHOOK_BASIC = "auth0:basic-password-0123"
 WEBHOOK_HEADER = ("X-Relay-Key", "custom-header-secret-0123")
 
+# The Auth0 tenant the Management API tests pretend to talk to (respx answers for it).
+AUTH0_DOMAIN = "acme.us.auth0.com"
+AUTH0_ENVIRONMENT = {
+    "AUTH0_DOMAIN": AUTH0_DOMAIN,
+    "AUTH0_CLIENT_ID": "m2m-client-id-0123",
+    "AUTH0_CLIENT_SECRET": "m2m-client-secret-abcdefghijklmnop",
+}
+
 
 def fixture(name: str) -> dict[str, Any]:
     """One of the JSON fixtures, e.g. `fixture("user.created")`."""

@@ -33,18 +33,13 @@ from relay.backfill import EXPORT_FIELDS, load_export
 from relay.batching import apply_isolating
 from relay.cli import main
 from relay.events import decode_event
-from tests.support import REPO
+from tests.support import AUTH0_DOMAIN, REPO
 
-DOMAIN = "acme.us.auth0.com"
+DOMAIN = AUTH0_DOMAIN
 API = f"https://{DOMAIN}/api/v2"
 JOB_ID = "job_Tq3b7Kd2LmX9pW4v"
 FIRST_URL = "https://auth0-exports.example-bucket.s3.amazonaws.com/acme.json.gz?X-Amz-Signature=first"
 FRESH_URL = "https://auth0-exports.example-bucket.s3.amazonaws.com/acme.json.gz?X-Amz-Signature=fresh"
-AUTH0_ENVIRONMENT = {
-    "AUTH0_DOMAIN": DOMAIN,
-    "AUTH0_CLIENT_ID": "m2m-client-id-0123",
-    "AUTH0_CLIENT_SECRET": "m2m-client-secret-abcdefghijklmnop",
-}
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 DB_EXAMPLES = 150 if os.environ.get("CI") else 40
 
@@ -94,17 +89,6 @@ def cloudevent(event_id: str, kind: str, moment: datetime, user_id: str, **field
             "data": {"object": {"user_id": user_id, **fields}},
         }
     ).encode()
-
-
-@pytest.fixture
-def relay_env(monkeypatch: pytest.MonkeyPatch, database: Any) -> Any:
-    """The environment `relay backfill` reads, pointed at the test's schema."""
-    monkeypatch.setenv("DATABASE_URL", database.conninfo)
-    monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
-    monkeypatch.setenv("RELAY_LOG_LEVEL", "WARNING")
-    for name, value in AUTH0_ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    return database
 
 
 @pytest.fixture

@@ -20,16 +20,13 @@ from relay.auth0.progress import StatusLine
 from relay.batching import apply_isolating
 from relay.cli import main
 from relay.events import decode_event
-from tests.support import fixture
+from tests.support import AUTH0_DOMAIN, AUTH0_ENVIRONMENT, fixture
 
-DOMAIN = "acme.us.auth0.com"
+DOMAIN = AUTH0_DOMAIN
 EVENTS_URL = f"https://{DOMAIN}/api/v2/events"
-CREDENTIALS = Credentials(DOMAIN, "m2m-client-id-0123", "m2m-client-secret-abcdefghijklmnop")
-AUTH0_ENVIRONMENT = {
-    "AUTH0_DOMAIN": DOMAIN,
-    "AUTH0_CLIENT_ID": CREDENTIALS.client_id,
-    "AUTH0_CLIENT_SECRET": CREDENTIALS.client_secret,
-}
+CREDENTIALS = Credentials(
+    DOMAIN, AUTH0_ENVIRONMENT["AUTH0_CLIENT_ID"], AUTH0_ENVIRONMENT["AUTH0_CLIENT_SECRET"]
+)
 USER_ID = "auth0|679fb1b1e809445f129bc18d"
 STREAM = cursor_stream(DOMAIN)
 EXPIRED_MESSAGE = "the stored cursor has expired: run `relay backfill`, then `relay catch-up --since <time>`"
@@ -161,16 +158,6 @@ async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_
     assert "from_timestamp" not in route.calls[0].request.url.params
     assert (report.received, dict(report.outcomes), report.cursor) == (1, {"duplicate": 1}, "b2Zmc2V0LTA3")
     assert database.query("SELECT cursor FROM event_cursors") == [("b2Zmc2V0LTA3",)]
-
-
-@pytest.fixture
-def relay_env(monkeypatch: pytest.MonkeyPatch, database: Any) -> Any:
-    monkeypatch.setenv("DATABASE_URL", database.conninfo)
-    monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
-    monkeypatch.setenv("RELAY_LOG_LEVEL", "WARNING")
-    for name, value in AUTH0_ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    return database
 
 
 def test_the_command_catches_up_then_stops_when_idle(

@@ -11,16 +11,12 @@ import pytest
 import respx
 
 from relay.cli import main
+from tests.support import AUTH0_DOMAIN, AUTH0_ENVIRONMENT
 
-DOMAIN = "acme.us.auth0.com"
+DOMAIN = AUTH0_DOMAIN
 API = f"https://{DOMAIN}/api/v2"
 STREAM_ID = "est_8Zq2Lw4Xn6Pv0Rt3Ys5Uk7"
 DELIVERIES = f"{API}/event-streams/{STREAM_ID}/deliveries"
-AUTH0_ENVIRONMENT = {
-    "AUTH0_DOMAIN": DOMAIN,
-    "AUTH0_CLIENT_ID": "m2m-client-id-0123",
-    "AUTH0_CLIENT_SECRET": "m2m-client-secret-abcdefghijklmnop",
-}
 
 
 @pytest.fixture(autouse=True)
