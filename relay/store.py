@@ -67,8 +67,12 @@ UPDATE users
  WHERE users.user_id = batch.user_id
 """
 
-FIND_PROCESSED = """
-SELECT event_id FROM processed_events WHERE event_id = ANY(%(event_ids)b::text[])
+# Before locking anything: which events are already in the ledger, and which users already have a row (rows
+# are never deleted, so a user known here is known when CLAIM_USERS runs; the caller copes if not).
+FIND_PROCESSED_AND_KNOWN = """
+SELECT 'event', event_id FROM processed_events WHERE event_id = ANY(%(event_ids)b::text[])
+UNION ALL
+SELECT 'user', user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[])
 """
 
 # Returns the ids it recorded; an id missing from the answer was recorded concurrently: a duplicate.
@@ -180,8 +184,12 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
     fresh = [(index, events[index]) for index in first_index.values()]
 
     async with conn.transaction(), conn.cursor() as cursor:
-        await cursor.execute(FIND_PROCESSED, {"event_ids": [event.id for _, event in fresh]})
-        already_processed = {row[0] for row in await cursor.fetchall()}
+        event_ids = [event.id for _, event in fresh]
+        user_ids = sorted({event.user_id for _, event in fresh if isinstance(event, UserEvent)})
+        await cursor.execute(FIND_PROCESSED_AND_KNOWN, {"event_ids": event_ids, "user_ids": user_ids})
+        found = await cursor.fetchall()
+        already_processed = {key for kind, key in found if kind == "event"}
+        known_before = {key for kind, key in found if kind == "user"}
         # Version order within the batch, so outcomes read as they would had the events come one by one.
         by_user: dict[str, list[tuple[int, UserEvent]]] = {}
         for index, event in sorted(fresh, key=lambda item: _sort_key(item[1])):
@@ -193,13 +201,19 @@ async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: D
                 by_user.setdefault(event.user_id, []).append((index, event))
 
         if by_user:
-            as_new = (
-                _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
+            # A new user is inserted with the state its events give it; a known one only needs its row
+            # locked, so it is sent as an empty placeholder that CLAIM_USERS never writes.
+            claimed = (
+                UserState(user_id)
+                if user_id in known_before
+                else _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
                 for user_id in sorted(by_user)
             )
-            await cursor.execute(CLAIM_USERS, _user_columns(as_new))
+            await cursor.execute(CLAIM_USERS, _user_columns(claimed))
             inserted = {row[0] for row in await cursor.fetchall()}
             known = await _read_users(cursor, sorted(by_user.keys() - inserted))
+            # A placeholder was inserted only if the row vanished in between (removed by hand): merge onto it.
+            known |= {user_id: UserState(user_id) for user_id in inserted & known_before}
             if known:
                 merged = (
                     _merge(state, by_user[user_id], outcomes, delete_mode) for user_id, state in known.items()
