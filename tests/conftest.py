@@ -47,6 +47,11 @@ class TestDatabase:
     def with_settings(self, **changes: Any) -> Settings:
         return replace(self.settings, **changes)
 
+    def empty_tables(self) -> TestDatabase:
+        """Back to no rows, for tests that share one schema (and one relay process) per module."""
+        self.query("TRUNCATE users, processed_events, dead_letters RESTART IDENTITY")
+        return self
+
     def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Runs one statement in the test's schema and returns its rows."""
         with psycopg.connect(self.conninfo, autocommit=True, options=f"-c search_path={self.schema}") as conn:
@@ -62,6 +67,19 @@ def database(database_server: str) -> Iterator[TestDatabase]:
     yield TestDatabase(database_server, schema)
     with psycopg.connect(database_server, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def clean_database(shared_database: TestDatabase) -> TestDatabase:
+    """For modules that define a module-scoped `shared_database`: its tables, emptied for this test."""
+    return shared_database.empty_tables()
+
+
+@pytest.fixture
+def client(relay: Any, clean_database: TestDatabase) -> Iterator[Any]:
+    """For modules that define a module-scoped `relay` process: an HTTP client to it, on empty tables."""
+    with relay.client() as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from relay.ingest import NotAllowed, ingest_body
 from relay.settings import ConfigError, Settings
 from tests.conftest import TestDatabase as Database  # aliased: pytest would try to collect Test*
 from tests.support import RelayProcess, encode, fixture, relay_environment, running_relay
-from tests.test_http import ROUTES, assert_stored_as_sent, deliver, empty_tables, migrated_schema, row_counts
+from tests.test_http import ROUTES, assert_stored_as_sent, deliver, migrated_schema, row_counts
 from tests.test_operations import insert_dead_letter, relay_command
 
 TENANT = "acme"  # the fixtures' a0tenant and a0stream
@@ -201,7 +201,7 @@ def guarded_relay(shared_database: Database) -> Iterator[RelayProcess]:
 def test_over_http_an_allowed_event_is_applied_and_another_tenants_is_403(
     guarded_relay: RelayProcess, shared_database: Database, route: str
 ) -> None:
-    database = empty_tables(shared_database)
+    database = shared_database.empty_tables()
     ours, theirs = fixture("user.created"), from_origin("user.updated", a0tenant="acme-dev")
     with guarded_relay.client() as client:
         accepted = deliver(client, route, encode(ours), ours["id"])
@@ -218,7 +218,7 @@ def test_over_http_an_allowed_event_is_applied_and_another_tenants_is_403(
 def test_over_http_a_webhook_array_with_one_foreign_event_is_403_and_stores_nothing(
     guarded_relay: RelayProcess, shared_database: Database
 ) -> None:
-    database = empty_tables(shared_database)
+    database = shared_database.empty_tables()
     body = encode([fixture("user.created"), from_origin("user.updated", a0stream=OTHER_STREAM)])
     with guarded_relay.client() as client:
         refused = deliver(client, "webhook", body)

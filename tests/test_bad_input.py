@@ -40,7 +40,6 @@ from tests.test_http import (
     TYPED_COLUMNS,
     as_time,
     deliver,
-    empty_tables,
     expected_typed_columns,
     migrated_schema,
     row_counts,
@@ -63,17 +62,6 @@ def shared_database(database_server: str) -> Iterator[Database]:
 def relay(shared_database: Database) -> Iterator[RelayProcess]:
     with running_relay(relay_environment(shared_database.conninfo, shared_database.schema)) as process:
         yield process
-
-
-@pytest.fixture
-def clean_database(shared_database: Database) -> Database:
-    return empty_tables(shared_database)
-
-
-@pytest.fixture
-def client(relay: RelayProcess, clean_database: Database) -> Iterator[httpx.Client]:
-    with relay.client() as opened:
-        yield opened
 
 
 def dead_letter(database: Database, letter_id: int) -> dict[str, Any]:

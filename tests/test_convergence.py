@@ -28,6 +28,12 @@ from relay.store import apply_events
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 OPTIONAL_FIELDS = ("email", "name", "nickname", "logins_count", "blocked", "app_metadata", "custom_field")
 DB_EXAMPLES = 200 if os.environ.get("CI") else 40
+# Examples run against real PostgreSQL share one migrated schema (each uses fresh users and ids).
+through_postgresql = settings(
+    max_examples=DB_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @dataclass(frozen=True)
@@ -162,11 +168,7 @@ def test_pure_handlers_converge_in_any_order(
 
 
 @pytest.mark.anyio
-@settings(
-    max_examples=DB_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@through_postgresql
 @given(
     delivery=deliveries(),
     delete_mode=st.sampled_from(["soft", "scrub"]),
@@ -199,11 +201,7 @@ async def test_store_converges_with_concurrent_connections(
 
 
 @pytest.mark.anyio
-@settings(
-    max_examples=DB_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@through_postgresql
 @given(
     delivery=deliveries(),
     delete_mode=st.sampled_from(["soft", "scrub"]),

@@ -77,11 +77,6 @@ def migrated_schema(conninfo: str, prefix: str = "test_http_") -> Iterator[Datab
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
-def empty_tables(database: Database) -> Database:
-    database.query("TRUNCATE users, processed_events, dead_letters RESTART IDENTITY")
-    return database
-
-
 def row_counts(database: Database) -> dict[str, int]:
     counts = database.query(
         "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM processed_events),"
@@ -191,17 +186,6 @@ def small_body_relay(shared_database: Database) -> Iterator[RelayProcess]:
     )
     with running_relay(env) as process:
         yield process
-
-
-@pytest.fixture
-def clean_database(shared_database: Database) -> Database:
-    return empty_tables(shared_database)
-
-
-@pytest.fixture
-def client(relay: RelayProcess, clean_database: Database) -> Iterator[httpx.Client]:
-    with relay.client() as opened:
-        yield opened
 
 
 # ---------------------------------------------------------------------------------------------------------
