@@ -1,35 +1,50 @@
-"""`create_app()`: the HTTP shell around `ingest`: routes, lifespan, and truthful status codes.
+"""`create_app()`: the HTTP shell around the pipeline: routes, lifespan, and truthful status codes.
 
-401 only for a request that is not authentic, 413 for an oversized body, 503 with `Retry-After` when
-PostgreSQL cannot take the event now (Auth0 retries 5xx, never 4xx), and 200 only after the commit.
+401 only for a request that is not authentic, 403 for another tenant's or stream's events, 408 for a body
+that does not arrive, 413 for an oversized one, 503 with `Retry-After` when PostgreSQL cannot take the events
+now (Auth0 retries 5xx, never 4xx), and 200 only after the commit. Never 500: whatever goes wrong unforeseen
+is logged once and answered 503, since nothing was committed.
+
+The two event routes are Litestar's raw ASGI handlers: they read the headers and the body straight from the
+ASGI messages and answer with pre-encoded JSON. The framework's request and response objects, its middleware
+and a log line per request cost several times the relay's own work per event (`make bench` measures it), and
+none of them serves these routes. `/healthz`, `/readyz` and `/metrics` are ordinary Litestar handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import psycopg
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, asgi, get
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from litestar.types import Receive, Scope, Send
 
-from relay.batching import GroupCommitter, Saturated
-from relay.ingest import Applier, EventResult, NotAllowed, ingest_body
+from relay.batching import Saturated
+from relay.events import decode_body
 from relay.migrations import latest_version
-from relay.observability import ACK_SECONDS, AUTH_FAILURES, UNAVAILABLE, watch_pool, watch_queue
+from relay.observability import (
+    ACK_SECONDS,
+    AUTH_FAILURES,
+    UNAVAILABLE,
+    configure_logging,
+    count_request,
+    watch_pool,
+    watch_queue,
+)
+from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline, diagnostic_headers
 from relay.settings import Settings
 from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
-from relay.store import Connection, create_pool, migrated_version
+from relay.store import NotMigrated, Pool, StoreError, create_pool, migrated_version
 
 log = logging.getLogger("relay")
 
@@ -37,160 +52,192 @@ log = logging.getLogger("relay")
 RETRY_AFTER_SECONDS = 2
 # Auth0 and the Action send a body at once; anything slower is a client holding a connection open.
 BODY_READ_SECONDS = 10
-# Connections served at once; beyond it uvicorn answers 503 (Auth0 retries) instead of exhausting sockets.
+# Connections served at once, per worker; beyond it uvicorn answers 503 (Auth0 retries) instead of
+# exhausting sockets.
 MAX_CONCURRENT_CONNECTIONS = 1000
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_POST_ONLY_HEADERS = [*_JSON_HEADERS, (b"allow", b"POST")]
+_RETRY_HEADERS = [*_JSON_HEADERS, (b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
+_encoder = msgspec.json.Encoder()
+
+
+class _Answer(msgspec.Struct):
+    events: list[EventResult]
+
+
+class _Problem(msgspec.Struct):
+    error: str
 
 
 @dataclass(slots=True)
 class Relay:
-    """What the routes share: configuration and the pool, kept on `app.state.relay`."""
+    """What the routes share, set up by the lifespan."""
 
     settings: Settings
-    pool: AsyncConnectionPool[Connection]
-    committer: GroupCommitter
-    apply: Applier
+    pool: Pool
+    pipeline: Pipeline
     clock: Callable[[], float] = time.time
 
 
-def _relay(state: State) -> Relay:
-    relay: Relay = state.relay
-    return relay
+class _Refusal(Exception):
+    """Answer `status` with `reason` (safe to send); `code` names the cause in a word, for metrics and logs,
+    and `detail` says more, for the log only."""
+
+    def __init__(self, status: int, reason: str, code: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.code, self.detail = status, reason, code, detail
 
 
-def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> Response[dict[str, str]]:
-    return Response({"error": reason}, status_code=status, headers=headers)
-
-
-def _unavailable(reason: str) -> Response[dict[str, str]]:
-    return _error(503, reason, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-
-def _accepted(results: list[EventResult]) -> Response[dict[str, Any]]:
-    events = [
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
         {
-            key: value
-            for key, value in (
-                ("id", result.event_id),
-                ("outcome", str(result.outcome)),
-                ("dead_letter_id", result.dead_letter_id),
-                ("error", result.error),
-            )
-            if value is not None
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
         }
-        for result in results
-    ]
-    return Response({"events": events}, status_code=200)
-
-
-async def _ingest(
-    request: Request[Any, Any, Any], relay: Relay, route: str, body: bytes, **options: Any
-) -> Response[Any]:
-    started = time.perf_counter()
-    try:
-        results = await ingest_body(
-            relay.pool,
-            relay.apply,
-            route=route,
-            headers=request.headers,
-            body=body,
-            allowed_tenants=relay.settings.allowed_tenants,
-            allowed_streams=relay.settings.allowed_streams,
-            **options,
-        )
-    except NotAllowed as refused:
-        # Authentic, but another tenant's or stream's event: not ours to store, and Auth0 must see a failure.
-        AUTH_FAILURES.labels(route, "origin_not_allowed").inc()
-        fields = {"route": route, "status": 403, "reason": "origin_not_allowed"}
-        log.warning("request refused", extra={"fields": fields})
-        return _error(403, refused.reason)
-    except Saturated as saturated:
-        return _unavailable_because(route, "saturated", "relay saturated; retry later", str(saturated))
-    except (PoolTimeout, TooManyRequests):
-        detail = f"no database connection within {relay.settings.db_timeout_seconds} s"
-        return _unavailable_because(route, "database", "database busy or unavailable; retry later", detail)
-    except psycopg.OperationalError as error:
-        detail = type(error).__name__
-        return _unavailable_because(route, "database", "database unavailable; retry later", detail)
-    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
-        # A replica that started before `relay migrate` ran: retryable once an operator migrates.
-        detail = f"the relay's tables are missing from schema {relay.settings.db_schema!r}"
-        return _unavailable_because(
-            route, "not_migrated", "database not migrated: run `relay migrate`", detail
-        )
-    seconds = time.perf_counter() - started
-    ACK_SECONDS.labels(route).observe(seconds)
-    log.info(
-        "events received",
-        extra={
-            "fields": {
-                "route": route,
-                "status": 200,
-                "latency_ms": round(seconds * 1000, 2),
-                "events": [
-                    {"id": r.event_id, "type": r.event_type, "user_id": r.user_id, "outcome": str(r.outcome)}
-                    for r in results
-                ],
-            }
-        },
     )
-    return _accepted(results)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(request: Request[Any, Any, Any]) -> bytes:
-    """The whole body, within BODY_READ_SECONDS: a client trickling it cannot hold a connection forever."""
+def _headers(scope: Scope) -> dict[str, str]:
+    # ASGI gives header names in lower case; latin-1 maps every byte, so no value can fail to decode.
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    """The whole body, refused (413) beyond `limit` before it is read whole, and within BODY_READ_SECONDS
+    (408): a client trickling it cannot hold a connection forever."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Refusal(413, f"body larger than {limit} bytes", "body_too_large")
+    chunks: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(BODY_READ_SECONDS):
-            return await request.body()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Refusal(499, "client went away", "client_disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _Refusal(413, f"body larger than {limit} bytes", "body_too_large")
+                if not message.get("more_body", False):
+                    return chunk if not chunks else b"".join([*chunks, chunk])
+                chunks.append(chunk)
     except TimeoutError:
-        raise HTTPException(
-            status_code=408, detail=f"body not received within {BODY_READ_SECONDS} s"
+        raise _Refusal(408, f"body not received within {BODY_READ_SECONDS} s", "body_timeout") from None
+
+
+Authenticate = Callable[[Relay, dict[str, str], Receive], Awaitable[bytes]]
+
+
+def _event_route(
+    route: str, relay: Callable[[], Relay], authenticate: Authenticate
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An ASGI handler for one event route: `authenticate` checks the request and returns its body."""
+    path = f"/events/{route}"
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        if scope["method"] != "POST":
+            await _send(send, 405, _encoder.encode(_Problem("use POST")), _POST_ONLY_HEADERS)
+            count_request(path, 405)
+            return
+        current = relay()
+        headers = _headers(scope)
+        try:
+            body = await authenticate(current, headers, receive)
+            delivery = Delivery(route, decode_body(body), diagnostic_headers(headers))
+            results = await _deliver(current, delivery)
+        except _Refusal as refusal:
+            if refusal.status == 499:
+                return  # nobody is listening for an answer
+            _log_refusal(route, refusal)
+            await _send(
+                send,
+                refusal.status,
+                _encoder.encode(_Problem(refusal.reason)),
+                _RETRY_HEADERS if refusal.status == 503 else _JSON_HEADERS,
+            )
+            count_request(path, refusal.status)
+            return
+        await _send(send, 200, _encoder.encode(_Answer(results)), _JSON_HEADERS)
+        seconds = time.perf_counter() - started
+        ACK_SECONDS.labels(route).observe(seconds)
+        count_request(path, 200)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "events received",
+                extra={
+                    "fields": {
+                        "route": route,
+                        "status": 200,
+                        "latency_ms": round(seconds * 1000, 2),
+                        "events": [[result.id, result.outcome.value] for result in results],
+                    }
+                },
+            )
+
+    return handle
+
+
+async def _deliver(relay: Relay, delivery: Delivery) -> list[EventResult]:
+    try:
+        return await relay.pipeline.deliver(delivery)
+    except NotAllowed as refused:
+        # Authentic, but another tenant's or stream's event: not ours to store, and Auth0 must see a failure.
+        raise _Refusal(403, str(refused), "origin_not_allowed") from None
+    except Saturated as saturated:
+        raise _Refusal(503, "relay saturated; retry later", "saturated", str(saturated)) from None
+    except NotMigrated as error:
+        reason = "database not migrated: run `relay migrate`"
+        raise _Refusal(503, reason, "not_migrated", str(error)) from None
+    except StoreError as error:
+        raise _Refusal(503, "database unavailable; retry later", "database", str(error)) from None
+    except Exception as error:
+        # Nothing was committed, so a retry is safe; a 500 would count toward disabling the stream for naught.
+        log.exception("delivery failed", extra={"fields": {"route": delivery.route}})
+        raise _Refusal(
+            503, "the relay could not take the events; retry later", "internal", type(error).__name__
         ) from None
 
 
-def _refused(route: str, rejected: Rejected) -> Response[dict[str, str]]:
-    AUTH_FAILURES.labels(route, rejected.code).inc()
-    log.warning("request refused", extra={"fields": {"route": route, "status": 401, "reason": rejected.code}})
-    return _error(401, rejected.reason)
+def _log_refusal(route: str, refusal: _Refusal) -> None:
+    if refusal.status in (401, 403):
+        AUTH_FAILURES.labels(route, refusal.code).inc()
+    elif refusal.status == 503:
+        UNAVAILABLE.labels(refusal.code).inc()
+    fields = {"route": route, "status": refusal.status, "reason": refusal.code}
+    if refusal.detail:
+        fields["detail"] = refusal.detail
+    log.warning("answered 503" if refusal.status == 503 else "request refused", extra={"fields": fields})
 
 
-def _unavailable_because(route: str, cause: str, reason: str, detail: str) -> Response[dict[str, str]]:
-    UNAVAILABLE.labels(cause).inc()
-    log.warning(
-        "answered 503", extra={"fields": {"route": route, "status": 503, "cause": cause, "detail": detail}}
-    )
-    return _unavailable(reason)
-
-
-@post("/events/action", status_code=200)
-async def receive_from_action(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    """One CloudEvent signed by the Auth0 Action (Standard Webhooks v1)."""
-    relay = _relay(state)
-    body = await _read_body(request)
+async def _signed_body(relay: Relay, headers: dict[str, str], receive: Receive) -> bytes:
+    """The Action's Standard Webhooks signature covers the body, so the body is read first."""
+    body = await _read_body(receive, headers, relay.settings.max_body_bytes)
     try:
-        event_id = verify_standard_webhook(
-            request.headers, body, relay.settings.signing_secrets, relay.clock()
-        )
+        verify_standard_webhook(headers, body, relay.settings.signing_secrets, relay.clock())
     except Rejected as rejected:
-        return _refused("action", rejected)
-    return await _ingest(request, relay, "action", body, expected_event_id=event_id)
+        raise _Refusal(401, rejected.reason, rejected.code) from None
+    return body
 
 
-@post("/events/webhook", status_code=200)
-async def receive_from_webhook(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    """One CloudEvent, or a JSON array of them, from Auth0's webhook destination."""
-    relay = _relay(state)
+async def _webhook_body(relay: Relay, headers: dict[str, str], receive: Receive) -> bytes:
+    """The webhook's credentials are in the headers: checked before reading a body nobody vouched for."""
     settings = relay.settings
     try:
-        # Credentials are in the headers: check them before reading a body nobody vouched for.
         verify_webhook_credentials(
-            request.headers,
+            headers,
             tokens=settings.webhook_tokens,
             basic=settings.webhook_basic,
             custom_headers=settings.webhook_headers,
         )
     except Rejected as rejected:
-        return _refused("webhook", rejected)
-    return await _ingest(request, relay, "webhook", await _read_body(request))
+        raise _Refusal(401, rejected.reason, rejected.code) from None
+    return await _read_body(receive, headers, settings.max_body_bytes)
 
 
 @get("/healthz")
@@ -202,99 +249,93 @@ async def healthz() -> dict[str, str]:
 @get("/readyz")
 async def readyz(state: State) -> Response[Any]:
     """The database answers and carries every migration this version needs."""
-    relay = _relay(state)
+    relay: Relay = state.relay
     expected = latest_version()
     try:
-        async with relay.pool.connection() as conn:
-            found = await migrated_version(conn)
-    except (PoolTimeout, TooManyRequests, psycopg.OperationalError):
-        return _unavailable("database unavailable")
-    except psycopg.errors.UndefinedTable:
-        return _unavailable("database not migrated: run `relay migrate`")
+        found = await migrated_version(relay.pool)
+    except NotMigrated:
+        return _unready("database not migrated: run `relay migrate`")
+    except StoreError:
+        return _unready("database unavailable")
     if found < expected:
-        return _unavailable(
-            f"database at migration {found}, this relay needs {expected}: run `relay migrate`"
-        )
+        return _unready(f"database at migration {found}, this relay needs {expected}: run `relay migrate`")
     return Response({"status": "ready", "migration": found}, status_code=200)
 
 
-def _json_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
-    # Litestar's own 4xx (413 above all) in the same shape as ours, with nothing internal in it.
-    return _error(exc.status_code, str(exc.detail))
+def _unready(reason: str) -> Response[dict[str, str]]:
+    return Response({"error": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def create_app(
-    settings: Settings,
-    conninfo: str,
-    *,
-    clock: Callable[[], float] = time.time,
-    applier: Applier | None = None,
-) -> Litestar:
-    """A relay app for `settings`, writing to the database at `conninfo`.
-
-    `applier` replaces the group committer; only the benchmark's ceiling run uses it, to measure the
-    HTTP, authentication and decoding path alone. No setting or flag reaches it.
-    """
+def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] = time.time) -> Litestar:
+    """A relay app for `settings`, writing to the database at `conninfo`."""
     pool = create_pool(conninfo, settings)
+    pipeline = Pipeline(pool, settings)
+    relay = Relay(settings, pool, pipeline, clock)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Not waiting for a connection: the relay serves (and answers 503) while PostgreSQL comes up.
         await pool.open(wait=False)
         watch_pool(pool)
-        committer = GroupCommitter(
-            pool,
-            settings.delete_mode,
-            max_events=settings.batch_max_events,
-            max_wait_seconds=settings.batch_max_wait_ms / 1000,
-            max_queued_events=settings.queue_max_events,
-            flushers=settings.batch_flushers,
-        )
-        committer.start()
-        watch_queue(committer)
-        app.state.relay = Relay(
-            settings=settings, pool=pool, committer=committer, apply=applier or committer.apply, clock=clock
-        )
+        pipeline.start()
+        watch_queue(pipeline)
+        app.state.relay = relay
         try:
             yield
         finally:
             # Every event already accepted is committed before the pool goes away.
-            await committer.close()
+            await pipeline.close()
             await pool.close()
 
-    metrics = PrometheusConfig(app_name="relay", prefix="relay_http", group_path=True)
+    routes = [
+        asgi(f"/events/{route}", copy_scope=False)(_event_route(route, lambda: relay, authenticate))
+        for route, authenticate in (("action", _signed_body), ("webhook", _webhook_body))
+    ]
     return Litestar(
-        route_handlers=[receive_from_action, receive_from_webhook, healthz, readyz, PrometheusController],
-        middleware=[metrics.middleware],
+        route_handlers=[*routes, healthz, readyz, PrometheusController],
         lifespan=[lifespan],
-        request_max_body_size=settings.max_body_bytes,
-        exception_handlers={HTTPException: _json_error},
-        type_encoders={msgspec.UnsetType: lambda _: None},
         openapi_config=None,
-        logging_config=None,  # the relay's JSON logging is configured once, by the CLI
+        logging_config=None,  # the relay's JSON logging is configured once, by the CLI or the worker
     )
+
+
+def app_from_environment() -> Litestar:
+    """The app of one worker process (`RELAY_WORKERS` > 1): the parent has put everything in the environment,
+    the database URL and development credentials included."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    assert settings.database_url is not None, "the serving process sets DATABASE_URL for its workers"
+    return create_app(settings, settings.database_url)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def serve(app: Litestar, settings: Settings) -> None:
-    """Runs `app` under uvicorn until SIGINT or SIGTERM, then lets in-flight batches commit."""
+def serve(settings: Settings, conninfo: str) -> None:
+    """Serves the relay under uvicorn until SIGINT or SIGTERM, then lets in-flight batches commit.
+
+    With `settings.workers` above 1, uvicorn starts that many worker processes on one socket, each with its
+    own pool and pipeline, and on SIGTERM stops them all, each finishing its batches first.
+    """
     import signal
 
     import uvicorn
 
+    options: dict[str, Any] = {
+        "limit_concurrency": MAX_CONCURRENT_CONNECTIONS,
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,  # keep the relay's JSON logging
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers > 1:
+        os.environ["DATABASE_URL"] = conninfo
+        uvicorn.run("relay.app:app_from_environment", factory=True, workers=settings.workers, **options)
+        return
     # Uvicorn raises SIGTERM again once its graceful shutdown is over, which would end the process as killed
     # by the signal (status 143); by then every accepted event is committed, so report a clean exit instead.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        app,
-        limit_concurrency=MAX_CONCURRENT_CONNECTIONS,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep the relay's JSON logging (configured by the CLI)
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run(create_app(settings, conninfo), **options)

@@ -1,111 +1,60 @@
-"""Group commit: events from concurrent requests share one transaction, and each request still gets its
-answer only after that transaction has committed.
+"""Group commit: the work handed in by concurrent requests shares one transaction, and each request still gets
+its answer only after that transaction has committed.
 
-A commit costs a WAL flush whatever it carries, so one transaction per event tops out at a few thousand
-events per second; the same work batched goes ten times further. Batches form by themselves: while a
-flusher is committing, newly arrived events queue, and the next flusher takes them all at once
-(`RELAY_BATCH_MAX_WAIT_MS` can hold a batch open a little longer under light load). The queue is bounded,
-so when PostgreSQL falls behind the relay answers 503 at once rather than letting memory and latency grow.
+A commit costs a WAL flush and a few round trips whatever it carries, so one transaction per event tops out
+at a few thousand events per second; the same work batched goes ten times further. Batches form by
+themselves: while a flusher is committing, newly arrived work queues, and the next flusher takes it all at
+once (`max_wait` can hold a batch open a little longer under light load). The queue is bounded, so when
+PostgreSQL falls behind the caller hears `Saturated` at once rather than letting memory and latency grow.
+
+This module knows nothing of events: `flush` decides what a batch means.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sized
+from typing import Generic, TypeVar
 
-import psycopg
-from psycopg_pool import AsyncConnectionPool
-
-from relay.events import Event
-from relay.handlers import Outcome
-from relay.observability import BATCH_SIZE, COMMIT_SECONDS
-from relay.settings import DeleteMode
-from relay.store import Connection, apply_events
-
-log = logging.getLogger("relay.batching")
-
-DEADLOCK_ATTEMPTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Unstorable:
-    """PostgreSQL refused this event's content; the caller keeps it as a dead letter."""
-
-    error: str
-
-
-Result = Outcome | Unstorable
+Work = TypeVar("Work", bound=Sized)
+Answer = TypeVar("Answer")
 
 
 class Saturated(Exception):
     """The queue is full: PostgreSQL is not keeping up, so the caller should answer 503."""
 
 
-def is_unstorable(error: psycopg.Error) -> bool:
-    """PostgreSQL refused the event's content itself (SQLSTATE class 22 or 54): retrying cannot help."""
-    return isinstance(error, psycopg.DataError) or (error.sqlstate or "")[:2] in ("22", "54")
+class _Waiting(Generic[Work, Answer]):
+    __slots__ = ("answer", "work")
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+        self.answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
 
 
-async def apply_isolating(
-    pool: AsyncConnectionPool[Connection], events: Sequence[Event], delete_mode: DeleteMode
-) -> list[Result]:
-    """Applies events in one transaction; if PostgreSQL refuses one of them, finds it by applying each
-    on its own, so its batch-mates are still applied."""
-    try:
-        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
-            try:
-                async with pool.connection() as conn:
-                    return list(await apply_events(conn, events, delete_mode))
-            except psycopg.errors.DeadlockDetected:
-                # Batches lock rows in one order and cannot deadlock each other, but another writer (an
-                # operator's own transaction) may lock out of order; PostgreSQL rolled this batch back, and
-                # running it again is safe.
-                if attempt == DEADLOCK_ATTEMPTS:
-                    raise
-                log.info("batch of %d events chosen as a deadlock victim; retrying", len(events))
-        raise AssertionError("unreachable")
-    except psycopg.Error as error:
-        if not is_unstorable(error):
-            raise
-        if len(events) == 1:
-            return [Unstorable(f"PostgreSQL refused the event: {error}")]
-    results: list[Result] = []
-    for event in events:
-        results += await apply_isolating(pool, [event], delete_mode)
-    return results
+class GroupCommitter(Generic[Work, Answer]):
+    """Hands batches of submitted work to `flush`, which returns one answer per submission, in order.
 
-
-@dataclass(slots=True)
-class _Waiting:
-    events: Sequence[Event]
-    answer: asyncio.Future[list[Result]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-class GroupCommitter:
-    """Applies events handed in by concurrent requests in shared transactions."""
+    The size of a submission (`len(work)`) counts toward `max_queued` and `max_batch`. A submission larger
+    than `max_queued` is still taken when nothing else is waiting, so no request is refused forever.
+    """
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Connection],
-        delete_mode: DeleteMode,
+        flush: Callable[[list[Work]], Awaitable[list[Answer]]],
         *,
-        max_events: int,
+        max_batch: int,
         max_wait_seconds: float,
-        max_queued_events: int,
+        max_queued: int,
         flushers: int,
     ) -> None:
-        self._pool = pool
-        self._delete_mode = delete_mode
-        self._max_events = max_events
+        self._flush = flush
+        self._max_batch = max_batch
         self._max_wait = max_wait_seconds
-        self._max_queued = max_queued_events
-        self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
-        self.queued_events = 0
+        self._max_queued = max_queued
+        self._queue: asyncio.Queue[_Waiting[Work, Answer]] = asyncio.Queue()
+        self.queued = 0
         self._flusher_count = flushers
         self._flushers: list[asyncio.Task[None]] = []
 
@@ -121,14 +70,13 @@ class GroupCommitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def apply(self, events: Sequence[Event]) -> list[Result]:
-        """One result per event, once the transaction holding them has committed."""
-        if not events:
-            return []
-        if self.queued_events + len(events) > self._max_queued:
-            raise Saturated(f"{self.queued_events} events already waiting for PostgreSQL")
-        waiting = _Waiting(events)
-        self.queued_events += len(events)
+    async def submit(self, work: Work) -> Answer:
+        """The answer for `work`, once the transaction holding it has committed."""
+        size = len(work)
+        if self.queued and self.queued + size > self._max_queued:
+            raise Saturated(f"{self.queued} events already waiting for PostgreSQL")
+        waiting: _Waiting[Work, Answer] = _Waiting(work)
+        self.queued += size
         self._queue.put_nowait(waiting)
         return await waiting.answer
 
@@ -136,17 +84,17 @@ class GroupCommitter:
         while True:
             batch = await self._next_batch()
             try:
-                await self._flush(batch)
+                await self._answer(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _next_batch(self) -> list[_Waiting]:
+    async def _next_batch(self) -> list[_Waiting[Work, Answer]]:
         batch = [await self._queue.get()]
-        size = len(batch[0].events)
+        size = len(batch[0].work)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_wait
-        while size < self._max_events:
+        while size < self._max_batch:
             try:
                 waiting = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -158,24 +106,18 @@ class GroupCommitter:
                 except TimeoutError:
                     break
             batch.append(waiting)
-            size += len(waiting.events)
+            size += len(waiting.work)
+        self.queued -= size
         return batch
 
-    async def _flush(self, batch: list[_Waiting]) -> None:
-        events = [event for waiting in batch for event in waiting.events]
-        self.queued_events -= len(events)
-        BATCH_SIZE.observe(len(events))
+    async def _answer(self, batch: list[_Waiting[Work, Answer]]) -> None:
         try:
-            with COMMIT_SECONDS.time():
-                results = await apply_isolating(self._pool, events, self._delete_mode)
+            answers = await self._flush([waiting.work for waiting in batch])
         except Exception as error:
             for waiting in batch:
                 if not waiting.answer.done():
                     waiting.answer.set_exception(error)
             return
-        start = 0
-        for waiting in batch:
-            end = start + len(waiting.events)
+        for waiting, answer in zip(batch, answers, strict=True):
             if not waiting.answer.done():
-                waiting.answer.set_result(results[start:end])
-            start = end
+                waiting.answer.set_result(answer)

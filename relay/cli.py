@@ -331,7 +331,7 @@ def _event_types(text: str) -> tuple[str, ...]:
 
 
 def _serve(settings: Settings, *, migrate_first: bool) -> int:
-    from relay.app import create_app, serve
+    from relay.app import serve
     from relay.migrations import migrate
 
     if not settings.has_credentials:
@@ -346,14 +346,17 @@ def _serve(settings: Settings, *, migrate_first: bool) -> int:
         for migration in asyncio.run(migrate(conninfo, settings.db_schema)):
             print(f"applied migration {migration.version:04d}_{migration.name}")
     _print_banner(settings, conninfo, psql)
-    serve(create_app(settings, conninfo), settings)
+    serve(settings, conninfo)
     return 0
 
 
 def _with_dev_credentials(settings: Settings) -> Settings:
+    """The development credentials, in the settings and in the environment (worker processes read it)."""
     from relay.embedded import dev_credentials
 
     credentials = dev_credentials(settings.data_dir)
+    os.environ["RELAY_SIGNING_SECRETS"] = credentials.signing_secret
+    os.environ["RELAY_WEBHOOK_TOKENS"] = credentials.webhook_token
     return dataclasses.replace(
         settings,
         signing_secrets=(decode_signing_secret(credentials.signing_secret, "dev-credentials.json"),),
@@ -364,7 +367,7 @@ def _with_dev_credentials(settings: Settings) -> Settings:
 def _print_banner(settings: Settings, conninfo: str, psql: str | None) -> None:
     base = f"http://{settings.host}:{settings.port}"
     lines = [
-        f"relay listening on {base}",
+        f"relay listening on {base} ({settings.workers} worker{'s' if settings.workers > 1 else ''})",
         f"  POST {base}/events/action    (Standard Webhooks signature from the Auth0 Action)",
         f"  POST {base}/events/webhook   (Auth0 webhook destination: bearer, basic or custom header)",
         f"  GET  {base}/healthz  {base}/readyz",

@@ -1,16 +1,21 @@
 """The CloudEvents Auth0 sends, and the one place they are decoded.
 
-Decoding is deliberately tolerant where Auth0's documentation disagrees with itself (a `com.auth0.` type
-prefix, unknown fields, numeric identity ids, the minimal `user.deleted`) and strict where a wrong type
-would otherwise reach a typed column. Anything that fails here is authentic but unusable: the caller
-dead-letters it rather than rejecting it, because Auth0 never retries a 4xx.
+Every item of a request body becomes exactly one of three things, decided here and nowhere else: a
+`UserEvent` (one of the three types the relay applies), an `OtherEvent` (a test event, or a type the relay
+does not handle: recorded, never applied), or `Undecodable` (authentic but unusable: kept as a dead letter,
+because Auth0 never retries a 4xx). Decoding never raises.
+
+The JSON is parsed once: straight into the envelope with `data.object` as a dict, which is the profile as
+sent, unknown fields included. The fields that reach typed columns are then checked on that dict without
+parsing again. Decoding is tolerant where Auth0's documentation disagrees with itself (a `com.auth0.` type
+prefix, unknown fields, numeric identity ids, the minimal `user.deleted`) and strict where a wrong type would
+otherwise reach a typed column, or a time would leave the range the store can hold.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -18,12 +23,28 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 # Auth0 ids are 26 characters; the bound only keeps absurd values out of the ledger's primary key.
 EventId = Annotated[str, Meta(min_length=1, max_length=255)]
+EventType = Annotated[str, Meta(min_length=1, max_length=255)]
 UserId = Annotated[str, Meta(min_length=1, max_length=512)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 # Stored in a bigint column; msgspec would otherwise accept up to 2**64 - 1.
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 Optional = UnsetType  # shorthand for "may be absent from the payload"
+
+# An event's version: (its `time` in microseconds since the epoch, its id). Tuples compare exactly as
+# versions must: later time wins, and equal times are broken by the id.
+Version = tuple[int, str]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 class Identity(Struct, kw_only=True, forbid_unknown_fields=False):
@@ -34,7 +55,7 @@ class Identity(Struct, kw_only=True, forbid_unknown_fields=False):
 
 
 class UserObject(Struct, kw_only=True, forbid_unknown_fields=False):
-    """`data.object`: checked field by field; the stored profile keeps the raw object, extra fields too."""
+    """The fields of `data.object` that reach typed columns, and their types; the profile keeps the rest."""
 
     user_id: UserId
     email: str | Optional | None = UNSET
@@ -62,41 +83,35 @@ class UserObject(Struct, kw_only=True, forbid_unknown_fields=False):
 SNAPSHOT_FIELDS = ("user_id", "created_at", "updated_at", "identities")
 
 
-class Envelope(Struct, kw_only=True, forbid_unknown_fields=False):
-    id: EventId
-    type: Annotated[str, Meta(min_length=1, max_length=255)]
-    time: AwareDatetime
-    data: msgspec.Raw = msgspec.Raw(b"null")
-    a0purpose: str | Optional | None = UNSET
-    a0tenant: str | Optional | None = UNSET
-    a0stream: str | Optional | None = UNSET
-
-
-class UserEventData(Struct, forbid_unknown_fields=False):
-    object: msgspec.Raw
-
-
 class EventKind(enum.Enum):
     CREATED = "user.created"
     UPDATED = "user.updated"
     DELETED = "user.deleted"
 
 
-@dataclass(frozen=True, slots=True)
-class UserEvent:
-    """A decoded `user.*` event: what the handlers need, nothing more."""
+class Origin(Struct, frozen=True):
+    """Where an event says it comes from: its `a0tenant` and `a0stream`, when it names them."""
+
+    tenant: str | None = None
+    stream: str | None = None
+
+
+class UserEvent(Struct, frozen=True):
+    """A decoded `user.*` event: what the handlers need, and the raw item in case it must be dead-lettered."""
 
     id: str
     kind: EventKind
-    time: datetime
+    time: datetime  # UTC
+    version: Version
     user_id: str
     profile: dict[str, Any]  # data.object exactly as sent, unknown fields included
     is_snapshot: bool
-    deleted_at: datetime | None
+    deleted_at: datetime | None  # UTC; set for user.deleted only
+    origin: Origin
+    raw: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OtherEvent:
+class OtherEvent(Struct, frozen=True):
     """A test event, or a type the relay does not handle: recorded in the ledger, never applied."""
 
     id: str
@@ -104,13 +119,47 @@ class OtherEvent:
     time: datetime
     is_test: bool
     user_id: str | None
+    origin: Origin
+    raw: bytes
 
 
-Event = UserEvent | OtherEvent
+class Undecodable(Struct, frozen=True):
+    """An authentic item that cannot become an event; `reason` says why, for the dead letter."""
+
+    raw: bytes
+    reason: str
+    origin: Origin | None = None  # None: not even the envelope could be read
 
 
-class UndecodableEvent(ValueError):
-    """An authentic body that cannot become an event; the message says why, for the dead letter."""
+Item = UserEvent | OtherEvent | Undecodable
+
+
+class _UserData(Struct, forbid_unknown_fields=False):
+    object: dict[str, Any]
+
+
+class _CloudEvent(Struct, kw_only=True, forbid_unknown_fields=False):
+    """The shape of every user event: one parse gives the envelope and the profile."""
+
+    id: EventId
+    type: EventType
+    time: AwareDatetime
+    data: _UserData
+    a0purpose: str | None = None
+    a0tenant: str | None = None
+    a0stream: str | None = None
+
+
+class _Envelope(Struct, kw_only=True, forbid_unknown_fields=False):
+    """Read only when `_CloudEvent` does not fit: a test event or another type may carry any `data`."""
+
+    id: EventId
+    type: EventType
+    time: AwareDatetime
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    a0purpose: str | None = None
+    a0tenant: str | None = None
+    a0stream: str | None = None
 
 
 class _OriginFields(Struct, forbid_unknown_fields=False):
@@ -118,76 +167,135 @@ class _OriginFields(Struct, forbid_unknown_fields=False):
     a0stream: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where an event says it comes from: its `a0tenant` and `a0stream`, when it names them."""
-
-    tenant: str | None
-    stream: str | None
+class _NamedUser(Struct, forbid_unknown_fields=False):
+    user_id: Any = None
 
 
-_envelope_decoder = msgspec.json.Decoder(Envelope)
-_user_data_decoder = msgspec.json.Decoder(UserEventData)
-_profile_decoder = msgspec.json.Decoder(dict[str, Any])
-_body_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+class _NamedUserData(Struct, forbid_unknown_fields=False):
+    object: _NamedUser | None = None
+
+
+_event_decoder = msgspec.json.Decoder(_CloudEvent)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _origin_decoder = msgspec.json.Decoder(_OriginFields)
+_named_user_decoder = msgspec.json.Decoder(_NamedUserData)
 _KINDS = {kind.value: kind for kind in EventKind}
-# msgspec reports invalid UTF-8 inside a JSON string as UnicodeDecodeError, not as a DecodeError.
+# msgspec reports invalid UTF-8 inside a JSON string as UnicodeDecodeError, and JSON nested beyond what the
+# stack allows as RecursionError, not as a DecodeError.
 _DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+# A UTC offset can carry a time near year 1 or 9999 past the end of what a datetime holds.
+_OUT_OF_RANGE = "time or deleted_at is out of range once converted to UTC"
+_HOLDS_NUL = "the event holds a \\u0000 character, which PostgreSQL cannot store in text or jsonb"
 
 
-def split_body(body: bytes) -> list[bytes]:
-    """The events of a request body: one JSON object, or a JSON array of them (webhook batches)."""
+def decode_body(body: bytes) -> list[Item]:
+    """The items of a request body: one JSON object, or a JSON array of them (webhook batches)."""
     if body.lstrip()[:1] == b"[":
         try:
-            return [bytes(item) for item in _body_items_decoder.decode(body)]
+            raw_items = _items_decoder.decode(body)
         except _DECODE_ERRORS as error:
-            raise UndecodableEvent(f"body is not a JSON array of events: {error}") from None
-    return [body]
+            return [Undecodable(body, f"body is not a JSON array of events: {_describe(error)}")]
+        return [decode_event(bytes(raw)) for raw in raw_items]
+    return [decode_event(body)]
 
 
-def decode_event(raw: bytes) -> Event:
-    """Decodes one CloudEvent, or raises `UndecodableEvent` saying what is wrong with it."""
+def decode_event(raw: bytes) -> Item:
+    """One CloudEvent, decoded; never raises."""
     try:
-        envelope = _envelope_decoder.decode(raw)
+        event = _event_decoder.decode(raw)
     except _DECODE_ERRORS as error:
-        raise UndecodableEvent(f"not a CloudEvent: {_describe(error)}") from None
-
-    event_type = envelope.type.removeprefix("com.auth0.")
+        return _not_a_user_event_shape(raw, error)
+    origin = Origin(event.a0tenant, event.a0stream)
+    # The byte search is cheap and almost always false; only then is the event searched for a real NUL.
+    if b"\\u0000" in raw and _holds_nul(raw):
+        return Undecodable(raw, _HOLDS_NUL, origin)
+    event_type = event.type.removeprefix("com.auth0.")
     kind = _KINDS.get(event_type)
-    if envelope.a0purpose == "test" or kind is None:
-        return OtherEvent(
-            id=envelope.id,
-            type=event_type,
-            time=envelope.time,
-            is_test=envelope.a0purpose == "test",
-            user_id=_peek_user_id(envelope.data),
-        )
+    if kind is None or event.a0purpose == "test":
+        user_id = event.data.object.get("user_id")
+        return _other_event(event.id, event_type, event.time, event.a0purpose, user_id, origin, raw)
 
+    profile = event.data.object
     try:
-        object_json = _user_data_decoder.decode(envelope.data).object
-        checked = msgspec.json.decode(object_json, type=UserObject)
-        profile = _profile_decoder.decode(object_json)
-    except _DECODE_ERRORS as error:
-        raise UndecodableEvent(f"{event_type} data.object is not an Auth0 user: {_describe(error)}") from None
-    if kind is EventKind.DELETED:
-        deleted_at = checked.deleted_at if isinstance(checked.deleted_at, datetime) else envelope.time
-    else:
+        checked = msgspec.convert(profile, UserObject)
+        time = event.time.astimezone(UTC)
         deleted_at = None
+        if kind is EventKind.DELETED:
+            deleted_at = time
+            if isinstance(checked.deleted_at, datetime):
+                deleted_at = checked.deleted_at.astimezone(UTC)
+    except (msgspec.ValidationError, RecursionError) as error:
+        return Undecodable(raw, f"{event_type} data.object is not an Auth0 user: {_describe(error)}", origin)
+    except OverflowError:
+        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin)
     return UserEvent(
-        id=envelope.id,
+        id=event.id,
         kind=kind,
-        time=envelope.time,
+        time=time,
+        version=(to_micros(time), event.id),
         user_id=checked.user_id,
         profile=profile,
         is_snapshot=all(profile.get(name) is not None for name in SNAPSHOT_FIELDS),
         deleted_at=deleted_at,
+        origin=origin,
+        raw=raw,
     )
 
 
-def read_origin(raw: bytes) -> Origin | None:
-    """The tenant and stream an item names, read before (and whether or not) it decodes as an event, so
-    the allow-lists hold for broken events too; None when the item is not even a JSON object."""
+def _not_a_user_event_shape(raw: bytes, error: Exception) -> Item:
+    """The slow path: a test event or another type may carry any `data`; a user event may not."""
+    try:
+        envelope = _envelope_decoder.decode(raw)
+    except _DECODE_ERRORS as envelope_error:
+        return Undecodable(raw, f"not a CloudEvent: {_describe(envelope_error)}", _read_origin(raw))
+    origin = Origin(envelope.a0tenant, envelope.a0stream)
+    if b"\\u0000" in raw and _holds_nul(raw):
+        return Undecodable(raw, _HOLDS_NUL, origin)
+    event_type = envelope.type.removeprefix("com.auth0.")
+    if event_type in _KINDS and envelope.a0purpose != "test":
+        return Undecodable(raw, f"{event_type} data.object is not an Auth0 user: {_describe(error)}", origin)
+    return _other_event(
+        envelope.id, event_type, envelope.time, envelope.a0purpose, _named_user(envelope.data), origin, raw
+    )
+
+
+def _other_event(
+    event_id: str,
+    event_type: str,
+    time: datetime,
+    purpose: str | None,
+    user_id: Any,
+    origin: Origin,
+    raw: bytes,
+) -> OtherEvent | Undecodable:
+    try:
+        utc_time = time.astimezone(UTC)
+    except OverflowError:
+        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin)
+    return OtherEvent(
+        id=event_id,
+        type=event_type,
+        time=utc_time,
+        is_test=purpose == "test",
+        # The user a test or unhandled event speaks of, if it says, for the ledger.
+        user_id=user_id if isinstance(user_id, str) and 0 < len(user_id) <= 512 else None,
+        origin=origin,
+        raw=raw,
+    )
+
+
+def _named_user(data: msgspec.Raw) -> Any:
+    try:
+        found = _named_user_decoder.decode(data)
+    except _DECODE_ERRORS:
+        return None
+    return found.object.user_id if found.object is not None else None
+
+
+def _read_origin(raw: bytes) -> Origin | None:
+    """The tenant and stream an undecodable item names, so the allow-lists hold for broken events too; None
+    when the item is not even a JSON object."""
     try:
         found = _origin_decoder.decode(raw)
     except _DECODE_ERRORS:
@@ -198,14 +306,23 @@ def read_origin(raw: bytes) -> Origin | None:
     )
 
 
-def _peek_user_id(data: msgspec.Raw) -> str | None:
-    """The user a test or unhandled event speaks of, if it says, for the ledger; never an error."""
+def _holds_nul(raw: bytes) -> bool:
+    """Whether a NUL character is in any string, key or value, of a JSON document (or it is nested too
+    deeply to tell)."""
     try:
-        found = msgspec.json.decode(data, type=UserEventData).object
-        user_id = msgspec.json.decode(found, type=dict[str, Any]).get("user_id")
+        return _has_nul(msgspec.json.decode(raw))
     except _DECODE_ERRORS:
-        return None
-    return user_id if isinstance(user_id, str) and 0 < len(user_id) <= 512 else None
+        return True
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _describe(error: Exception) -> str:

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from relay.events import EventKind, UserEvent
+from relay.events import EventKind, UserEvent, Version
 from relay.settings import DeleteMode
-
-# (microseconds since the epoch, event id): tuples compare exactly as versions must.
-Version = tuple[int, str]
 
 # What a scrubbing delete keeps of the profile: identifiers and timestamps, nothing personal.
 SCRUB_KEPT_FIELDS = frozenset({"user_id", "created_at", "updated_at", "deleted_at"})
@@ -38,19 +35,6 @@ class Outcome(enum.StrEnum):
     TEST = "test"  # `a0purpose: "test"`: recorded, not applied
     IGNORED = "ignored"  # a type the relay does not handle
     DEAD_LETTERED = "dead_lettered"  # authentic but unusable: kept in `dead_letters`
-
-
-def version_of(event: UserEvent) -> Version:
-    return (to_micros(event.time), event.id)
-
-
-def to_micros(moment: datetime) -> int:
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def from_micros(micros: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
 
 
 @dataclass(slots=True)
@@ -106,7 +90,7 @@ class UserState:
 
 def apply_event(state: UserState, event: UserEvent, delete_mode: DeleteMode) -> Outcome:
     """Folds one event into `state` (in place) and says what it amounted to."""
-    version = version_of(event)
+    version = event.version
     if event.kind is EventKind.DELETED and delete_mode == "scrub":
         fields = {name: value for name, value in event.profile.items() if name in SCRUB_KEPT_FIELDS}
         replaces = True

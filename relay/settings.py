@@ -73,6 +73,8 @@ class Settings:
     """Where the embedded PostgreSQL and the generated development credentials live."""
     log_level: str = "INFO"
     """Python logging level name."""
+    workers: int = 1
+    """Processes serving HTTP on one socket, each with its own pool and group committer."""
     allowed_tenants: frozenset[str] = frozenset()
     """Tenants (`a0tenant`) whose events are accepted; empty accepts any."""
     allowed_streams: frozenset[str] = frozenset()
@@ -131,6 +133,7 @@ class Settings:
             queue_max_events=_integer(env, "RELAY_QUEUE_MAX_EVENTS", 2000, 1, 1_000_000),
             data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
             log_level=log_level,
+            workers=_integer(env, "RELAY_WORKERS", os.cpu_count() or 1, 1, 64),
             allowed_tenants=_names(
                 text("RELAY_ALLOWED_TENANTS"),
                 "RELAY_ALLOWED_TENANTS",

@@ -1,128 +1,152 @@
-"""SQL text, and the functions that run it on a pooled connection.
+"""SQL text, the functions that run it on a pooled connection, and the store's own errors.
 
-Every statement is literal and parameterised. A batch locks its users' rows with one statement, in
-`user_id` order, so concurrent requests and replicas queue on each other instead of deadlocking; the
-merge itself happens in `handlers.py` between the load and the save, inside the same transaction as the
-ledger row that records the event, so an event is applied and recorded together or not at all.
+Every statement is literal and parameterised. A batch of live events costs two statements: one reads the
+ledger and the batch's known users; then, once the caller has decided every event's fate from those facts,
+one writes the new users, the changed users, the ledger rows and the dead letters, as one transaction. So an
+event is applied, recorded, or kept as a dead letter together with its batch-mates, or not at all.
+
+Nothing here lets a psycopg exception out: callers see `StoreUnavailable` (retry later), `NotMigrated` (an
+operator must run `relay migrate`) or `Unstorable` (PostgreSQL refused the data itself; retrying cannot help).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import msgspec
-from psycopg import AsyncConnection, AsyncCursor
-from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg import AsyncConnection, errors
+from psycopg.types.json import set_json_dumps, set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from relay.events import Event, OtherEvent, UserEvent
-from relay.handlers import Outcome, UserState, apply_event, from_micros, version_of
-from relay.settings import DeleteMode, Settings
-
-if TYPE_CHECKING:
-    from relay.backfill import SnapshotRow
+from relay.events import from_micros
+from relay.handlers import UserState
+from relay.settings import Settings
 
 Connection = AsyncConnection[Any]
+Pool = AsyncConnectionPool[Connection]
+T = TypeVar("T")
+R = TypeVar("R")
 
-# Claims every user of a batch in one statement, in user_id order: a user seen for the first time is
-# inserted with the state its events give it, and a known user's row is locked without being written
-# (`DO UPDATE … WHERE false` locks the row and changes nothing). Every batch, from any replica, takes its
-# row locks in this one order, so concurrent batches queue on each other instead of deadlocking.
-# Returns the users it inserted; the others are known, locked, and merged next.
-CLAIM_USERS = """
-INSERT INTO users (user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
-SELECT user_id, profile::jsonb, merge_state::jsonb, deleted_at, last_event_processed, last_event_id
-  FROM unnest(%(user_ids)b::text[], %(profiles)b::text[], %(merge_states)b::text[],
-              %(deleted_ats)b::timestamptz[], %(last_event_times)b::timestamptz[], %(last_event_ids)b::text[])
-       AS batch(user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
- ORDER BY user_id
-ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id WHERE false
-RETURNING user_id
-"""
+log = logging.getLogger("relay.store")
 
-# The known users of a batch, already locked by CLAIM_USERS (or its backfill twin).
-READ_USERS = """
-SELECT user_id, profile, merge_state, deleted_at
-  FROM users
- WHERE user_id = ANY(%(user_ids)b::text[])
-"""
+# Attempts at work that PostgreSQL rolled back because of another writer (a deadlock victim, a user changed
+# between a batch's read and its write, a new user inserted first by a concurrent batch); each attempt starts
+# from fresh facts.
+CONFLICT_ATTEMPTS = 5
 
-# One statement for the whole batch. The arrays are sent in binary (`%(…)b`): no quoting or escaping of the
-# JSON inside them, so each row costs one JSON encoding and nothing more.
-UPDATE_USERS = """
-UPDATE users
-   SET profile = batch.profile::jsonb,
-       merge_state = batch.merge_state::jsonb,
-       deleted_at = batch.deleted_at,
-       last_event_processed = batch.last_event_processed,
-       last_event_id = batch.last_event_id
-  FROM unnest(%(user_ids)b::text[], %(profiles)b::text[], %(merge_states)b::text[],
-              %(deleted_ats)b::timestamptz[], %(last_event_times)b::timestamptz[], %(last_event_ids)b::text[])
-       AS batch(user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
- WHERE users.user_id = batch.user_id
-"""
 
-# Before locking anything: which events are already in the ledger, and which users already have a row (rows
-# are never deleted, so a user known here is known when CLAIM_USERS runs; the caller copes if not).
-FIND_PROCESSED_AND_KNOWN = """
-SELECT 'event', event_id FROM processed_events WHERE event_id = ANY(%(event_ids)b::text[])
-UNION ALL
-SELECT 'user', user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[])
-"""
+class StoreError(Exception):
+    """PostgreSQL could not do what was asked. The message names the cause, never a value or a password."""
 
-# Returns the ids it recorded; an id missing from the answer was recorded concurrently: a duplicate.
-RECORD_EVENTS = """
-INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
-SELECT * FROM unnest(%(event_ids)b::text[], %(event_types)b::text[], %(user_ids)b::text[],
-                     %(event_times)b::timestamptz[], %(outcomes)b::text[])
- ORDER BY 1
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
 
-RECORD_DEAD_LETTER = """
-INSERT INTO dead_letters (route, body, headers, error)
-VALUES (%(route)s, %(body)s, %(headers)s, %(error)s)
-RETURNING id
-"""
+class StoreUnavailable(StoreError):
+    """PostgreSQL cannot be reached, or cannot take writes now: nothing was committed; retry later."""
 
-# Backfill: a chunk of export rows is staged with COPY, then merged under the same lock order as events.
-CREATE_BACKFILL_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS backfill_rows (
-    user_id              text PRIMARY KEY,
-    profile              jsonb NOT NULL,
-    merge_state          jsonb NOT NULL,
-    last_event_processed timestamptz NOT NULL
-) ON COMMIT DELETE ROWS
-"""
 
-COPY_BACKFILL_ROWS = """
-COPY backfill_rows (user_id, profile, merge_state, last_event_processed) FROM STDIN
-"""
+class NotMigrated(StoreError):
+    """The relay's tables are missing or behind this version: run `relay migrate`."""
 
-# The backfill's CLAIM_USERS: the same single statement and order, over the staged rows.
-CLAIM_BACKFILLED_USERS = """
-INSERT INTO users (user_id, profile, merge_state, last_event_processed, last_event_id)
-SELECT b.user_id, b.profile, b.merge_state, b.last_event_processed, %(version_id)s
-  FROM backfill_rows b
- ORDER BY b.user_id
-ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id WHERE false
-RETURNING user_id
-"""
 
-# `relay verify` watches one user's row appear, change and become a tombstone.
-FIND_USER = """
-SELECT name, deleted_at FROM users WHERE user_id = %(user_id)s
-"""
+class Unstorable(StoreError):
+    """PostgreSQL refused the data itself (a value out of range, a malformed time): retrying cannot help."""
 
-CHECK_READY = """
-SELECT coalesce(max(version), 0) FROM schema_migrations
-"""
+
+def _store_error(error: psycopg.Error) -> StoreError:
+    sqlstate = error.sqlstate or ""
+    # Only the primary message: its DETAIL and CONTEXT lines can quote the values of a whole batch.
+    primary = error.diag.message_primary or type(error).__name__
+    if isinstance(
+        error,
+        errors.UndefinedTable | errors.UndefinedColumn | errors.UndefinedFunction | errors.InvalidSchemaName,
+    ):
+        return NotMigrated(f"the relay's tables are missing or behind ({primary}): run `relay migrate`")
+    if isinstance(error, psycopg.DataError | psycopg.IntegrityError) or sqlstate[:2] in ("22", "54"):
+        return Unstorable(f"PostgreSQL refused the event: {primary}")
+    # Connection loss, a failover to a read-only server, revoked privileges, a cancelled statement: none of
+    # them is the event's fault, and all of them may pass.
+    return StoreUnavailable(f"{type(error).__name__}: {primary}")
+
+
+def _is_conflict(error: psycopg.Error) -> bool:
+    return isinstance(error, errors.DeadlockDetected | errors.SerializationFailure | errors.UniqueViolation)
+
+
+async def run_retrying(pool: Pool, work: Callable[[Connection], Awaitable[T]]) -> T:
+    """`work(conn)` on a pooled connection, run again from the start when PostgreSQL rolled its writes back
+    for another writer's sake; psycopg's errors come out as the store's own."""
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        try:
+            async with pool.connection() as conn:
+                return await work(conn)
+        except (PoolTimeout, TooManyRequests):
+            raise StoreUnavailable(f"no database connection within {pool.timeout:g} s") from None
+        except psycopg.Error as error:
+            if _is_conflict(error) and attempt < CONFLICT_ATTEMPTS:
+                # Batches lock users in one order, so they cannot deadlock each other, but an operator's own
+                # transaction can; and two batches may both see the same user as new. Either way PostgreSQL
+                # rolled this one back, and running it again is safe.
+                await asyncio.sleep(0.001 * attempt)
+                continue
+            raise _store_error(error) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def commit_isolating(
+    rows: Sequence[T],
+    commit: Callable[[Sequence[T]], Awaitable[R]],
+    set_aside: Callable[[T, str], Awaitable[R]],
+) -> list[R]:
+    """`commit(rows)`, or, if PostgreSQL refuses some of their data, `commit` of each half, and so on down to
+    the single row it refuses, which is handed to `set_aside` with the reason. One answer per commit made, in
+    the order of `rows`: a refused row never takes its batch-mates down with it.
+
+    An exception that is not the store's (the caller's own code tripping over one row's data) is treated the
+    same way; a database that is unavailable or not migrated is not, and is raised as it is.
+    """
+    try:
+        return [await commit(rows)]
+    except Unstorable as error:
+        reason = str(error)
+    except StoreError:
+        raise
+    except Exception as error:
+        log.warning(
+            "rows could not be stored; isolating the one at fault",
+            extra={"fields": {"rows": len(rows), "error_class": type(error).__name__}},
+        )
+        reason = f"the row could not be stored ({type(error).__name__})"
+    if len(rows) == 1:
+        return [await set_aside(rows[0], reason)]
+    middle = len(rows) // 2
+    return [
+        *await commit_isolating(rows[:middle], commit, set_aside),
+        *await commit_isolating(rows[middle:], commit, set_aside),
+    ]
+
+
+@asynccontextmanager
+async def connection(pool: Pool) -> AsyncIterator[Connection]:
+    """A pooled connection for the operator's reads and small writes; psycopg's errors as the store's own."""
+    try:
+        async with pool.connection() as conn:
+            yield conn
+    except (PoolTimeout, TooManyRequests):
+        raise StoreUnavailable(f"no database connection within {pool.timeout:g} s") from None
+    except psycopg.Error as error:
+        raise _store_error(error) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connections
 
 
 def _dump_json(value: Any) -> str:
@@ -157,7 +181,7 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     return {"options": f"-c search_path={settings.db_schema}", "connect_timeout": 5, "autocommit": True}
 
 
-def create_pool(conninfo: str, settings: Settings) -> AsyncConnectionPool[Connection]:
+def create_pool(conninfo: str, settings: Settings) -> Pool:
     return AsyncConnectionPool(
         conninfo,
         open=False,
@@ -172,188 +196,245 @@ def create_pool(conninfo: str, settings: Settings) -> AsyncConnectionPool[Connec
     )
 
 
-async def apply_events(conn: Connection, events: Sequence[Event], delete_mode: DeleteMode) -> list[Outcome]:
-    """Applies a batch of decoded events in one transaction; returns an outcome per event, in order."""
-    outcomes: list[Outcome | None] = [None] * len(events)
-    first_index: dict[str, int] = {}
-    for index, event in enumerate(events):
-        if event.id in first_index:
-            outcomes[index] = Outcome.DUPLICATE
-        else:
-            first_index[event.id] = index
-    fresh = [(index, events[index]) for index in first_index.values()]
+@asynccontextmanager
+async def open_pool(conninfo: str, settings: Settings) -> AsyncIterator[Pool]:
+    """The relay's own pool (schema on the search path, the same JSON codecs) for one operator command."""
+    pool = create_pool(conninfo, settings)
+    try:
+        await pool.open(wait=True, timeout=10)
+    except PoolTimeout:
+        await pool.close()
+        raise StoreUnavailable("cannot connect to the PostgreSQL at DATABASE_URL within 10 s") from None
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
-    async with conn.transaction(), conn.cursor() as cursor:
-        event_ids = [event.id for _, event in fresh]
-        user_ids = sorted({event.user_id for _, event in fresh if isinstance(event, UserEvent)})
-        await cursor.execute(FIND_PROCESSED_AND_KNOWN, {"event_ids": event_ids, "user_ids": user_ids})
-        found = await cursor.fetchall()
-        already_processed = {key for kind, key in found if kind == "event"}
-        known_before = {key for kind, key in found if kind == "user"}
-        # Version order within the batch, so outcomes read as they would had the events come one by one.
-        by_user: dict[str, list[tuple[int, UserEvent]]] = {}
-        for index, event in sorted(fresh, key=lambda item: _sort_key(item[1])):
-            if event.id in already_processed:
-                outcomes[index] = Outcome.DUPLICATE
-            elif isinstance(event, OtherEvent):
-                outcomes[index] = Outcome.TEST if event.is_test else Outcome.IGNORED
+
+# ---------------------------------------------------------------------------------------------------------
+# Live batches: ledger, users and dead letters in one statement
+
+# What a batch needs to know before deciding: which of its events the ledger has seen, and its known users as
+# they are now (with the row version, `xmin`, that the write checks they still have). Ids and rows travel as
+# one JSON document per parameter: PostgreSQL unpacks them faster than the driver could bind arrays.
+READ_BATCH = """
+SELECT 'user', user_id, profile, merge_state, deleted_at, xmin::text
+  FROM users
+ WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(user_ids)s::jsonb)))
+UNION ALL
+SELECT 'event', event_id, NULL, NULL, NULL, NULL
+  FROM processed_events
+ WHERE event_id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(event_ids)s::jsonb)))
+"""
+
+# Everything a batch writes, in one statement and so one transaction: committed whole or not at all.
+#
+# The users it changes are locked in user_id order and must still be the row versions it read; if another
+# writer changed one in between, relay_write_conflict() fails the statement and the batch runs again from
+# fresh facts. Every batch, from any replica, takes its locks in the same order (ledger ids, then known users,
+# then new users, each sorted), so concurrent batches queue on each other instead of deadlocking. A user seen
+# as new by two batches at once is inserted by one; the other fails on the primary key and runs again.
+WRITE_BATCH = """
+WITH locked AS (
+    SELECT user_id, xmin::text AS row_version
+      FROM users
+     WHERE user_id = ANY(ARRAY(SELECT changed.user_id
+                                 FROM jsonb_to_recordset(%(changed_users)s::jsonb) AS changed(user_id text)))
+     ORDER BY user_id
+       FOR UPDATE
+), changed AS (
+    UPDATE users
+       SET profile = batch.profile,
+           merge_state = batch.merge_state,
+           deleted_at = batch.deleted_at,
+           last_event_processed = batch.last_event_processed,
+           last_event_id = batch.last_event_id
+      FROM jsonb_to_recordset(%(changed_users)s::jsonb)
+           AS batch(user_id text, row_version text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
+                    last_event_processed timestamptz, last_event_id text)
+      JOIN locked ON locked.user_id = batch.user_id AND locked.row_version = batch.row_version
+     WHERE users.user_id = batch.user_id
+    RETURNING users.user_id
+), inserted AS (
+    INSERT INTO users (user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
+    SELECT user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id
+      FROM jsonb_to_recordset(%(new_users)s::jsonb)
+           AS batch(user_id text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
+                    last_event_processed timestamptz, last_event_id text)
+     WHERE (SELECT count(*) FROM locked) >= 0  -- the known users are locked before any new one is inserted
+     ORDER BY user_id
+    RETURNING user_id
+), recorded AS (
+    INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
+    SELECT event_id, event_type, user_id, event_time, outcome
+      FROM jsonb_to_recordset(%(ledger)s::jsonb)
+           AS batch(event_id text, event_type text, user_id text, event_time timestamptz, outcome text)
+     ORDER BY event_id
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+), letters AS (
+    INSERT INTO dead_letters (route, body, headers, error)
+    SELECT route, decode(body, 'base64'), headers, error
+      FROM jsonb_to_recordset(%(dead_letters)s::jsonb)
+           AS letter(route text, body text, headers jsonb, error text)
+    RETURNING id
+), replays_failing AS (
+    -- A replayed dead letter that fails again says so on itself, rather than keeping the body twice.
+    UPDATE dead_letters
+       SET error = failure.error
+      FROM jsonb_to_recordset(%(replay_failures)s::jsonb) AS failure(id bigint, error text)
+     WHERE dead_letters.id = failure.id
+), replays_resolved AS (
+    UPDATE dead_letters
+       SET resolved_at = now()
+     WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(resolved_letters)s::jsonb)::bigint))
+       AND resolved_at IS NULL
+)
+SELECT 'event', event_id FROM recorded
+ UNION ALL
+-- Identity values rise in insertion order, so the ids returned, sorted, match the letters given.
+SELECT 'letter', id::text FROM letters
+ UNION ALL
+SELECT 'conflict', relay_write_conflict() WHERE (SELECT count(*) FROM changed) <> %(changed_count)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUser:
+    """A user's row as the batch found it."""
+
+    profile: dict[str, Any]
+    merge_state: dict[str, Any]
+    deleted_at: datetime | None
+    row_version: str  # xmin: the write checks the row is still this version
+
+    def state(self, user_id: str) -> UserState:
+        """A fresh `UserState` of this row, for the caller to merge events into."""
+        return UserState.from_stored(user_id, self.profile, self.merge_state, self.deleted_at)
+
+
+class LedgerRow(msgspec.Struct, frozen=True):
+    event_id: str
+    event_type: str
+    user_id: str | None
+    event_time: datetime
+    outcome: str
+
+
+class NewDeadLetter(msgspec.Struct, frozen=True):
+    route: str
+    body: bytes
+    headers: dict[str, str]
+    error: str
+
+
+class ReplayFailure(msgspec.Struct, frozen=True):
+    id: int  # the dead letter replayed
+    error: str
+
+
+@dataclass(slots=True)
+class BatchWrites:
+    """Everything one batch writes, decided by the caller from what `commit_batch` found."""
+
+    new_users: list[UserState] = field(default_factory=list)
+    changed_users: list[tuple[UserState, str]] = field(default_factory=list)  # (state, row version read)
+    ledger: list[LedgerRow] = field(default_factory=list)
+    dead_letters: list[NewDeadLetter] = field(default_factory=list)
+    replay_failures: list[ReplayFailure] = field(default_factory=list)
+    resolved_letters: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    writes: BatchWrites
+    recorded: frozenset[str]  # ledger ids written by this batch; the others were recorded concurrently
+    dead_letter_ids: list[int]  # in the order of `writes.dead_letters`
+
+
+Decide = Callable[[frozenset[str], dict[str, StoredUser]], BatchWrites]
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def commit_batch(
+    pool: Pool, event_ids: Sequence[str], user_ids: Sequence[str], decide: Decide
+) -> Committed:
+    """One committed batch: finds which `event_ids` are already processed and reads the known `user_ids`,
+    asks `decide(processed, known_users)` what to write, and writes it in one statement."""
+    ids = {
+        "event_ids": _encode(list(event_ids)).decode(),
+        "user_ids": _encode(sorted(set(user_ids))).decode(),
+    }
+
+    async def work(conn: Connection) -> Committed:
+        cursor = await conn.execute(READ_BATCH, ids)
+        processed: set[str] = set()
+        known: dict[str, StoredUser] = {}
+        for kind, key, profile, merge_state, deleted_at, row_version in await cursor.fetchall():
+            if kind == "user":
+                known[key] = StoredUser(profile, merge_state, deleted_at, row_version)
             else:
-                by_user.setdefault(event.user_id, []).append((index, event))
-
-        if by_user:
-            # A new user is inserted with the state its events give it; a known one only needs its row
-            # locked, so it is sent as an empty placeholder that CLAIM_USERS never writes.
-            claimed = (
-                UserState(user_id)
-                if user_id in known_before
-                else _merge(UserState(user_id), by_user[user_id], outcomes, delete_mode)
-                for user_id in sorted(by_user)
-            )
-            await cursor.execute(CLAIM_USERS, _user_columns(claimed))
-            inserted = {row[0] for row in await cursor.fetchall()}
-            known = await _read_users(cursor, sorted(by_user.keys() - inserted))
-            # A placeholder was inserted only if the row vanished in between (removed by hand): merge onto it.
-            known |= {user_id: UserState(user_id) for user_id in inserted & known_before}
-            if known:
-                merged = (
-                    _merge(state, by_user[user_id], outcomes, delete_mode) for user_id, state in known.items()
-                )
-                await cursor.execute(UPDATE_USERS, _user_columns(merged))
-
-        to_record = [(index, event) for index, event in fresh if outcomes[index] is not Outcome.DUPLICATE]
-        if to_record:
-            await cursor.execute(RECORD_EVENTS, _ledger_rows(to_record, outcomes))
-            recorded = {row[0] for row in await cursor.fetchall()}
-            for index, event in to_record:
-                if event.id not in recorded:
-                    outcomes[index] = Outcome.DUPLICATE
-
-    return [outcome if outcome is not None else Outcome.DUPLICATE for outcome in outcomes]
-
-
-@dataclass
-class SnapshotCounts:
-    inserted: int = 0
-    merged: int = 0
-    stale: int = 0
-
-
-async def merge_snapshots(
-    conn: Connection, rows: Sequence[SnapshotRow], delete_mode: DeleteMode
-) -> SnapshotCounts:
-    """Merges export rows (at most one per user) in one transaction: COPY to staging, then merge."""
-    by_user = {row.user_id: row for row in rows}
-    counts = SnapshotCounts()
-    async with conn.transaction(), conn.cursor() as cursor:
-        await cursor.execute(CREATE_BACKFILL_STAGING)
-        async with cursor.copy(COPY_BACKFILL_ROWS) as copy:
-            for row in rows:
-                state = row.new_user_state()
-                await copy.write_row(
-                    (
-                        row.user_id,
-                        row.line.decode(),
-                        _dump_json(state.to_merge_state()),
-                        from_micros(row.version_us),
-                    )
-                )
-        await cursor.execute(CLAIM_BACKFILLED_USERS, {"version_id": rows[0].as_event().id if rows else ""})
-        inserted = {row[0] for row in await cursor.fetchall()}
-        counts.inserted = len(inserted)
-        stored = await _read_users(cursor, sorted(by_user.keys() - inserted))
-        for user_id, state in stored.items():
-            outcome = apply_event(state, by_user[user_id].as_event(), delete_mode)
-            if outcome is Outcome.STALE:
-                counts.stale += 1
+                processed.add(key)
+        writes = decide(frozenset(processed), known)
+        cursor = await conn.execute(WRITE_BATCH, _write_parameters(writes))
+        recorded, letters = set(), []
+        for kind, key in await cursor.fetchall():
+            if kind == "event":
+                recorded.add(key)
             else:
-                counts.merged += 1
-        if stored:
-            await cursor.execute(UPDATE_USERS, _user_columns(stored.values()))
-    return counts
+                letters.append(int(key))
+        return Committed(writes, frozenset(recorded), sorted(letters))
+
+    return await run_retrying(pool, work)
 
 
-async def _read_users(cursor: AsyncCursor[Any], user_ids: list[str]) -> dict[str, UserState]:
-    if not user_ids:
-        return {}
-    await cursor.execute(READ_USERS, {"user_ids": user_ids})
+def _write_parameters(writes: BatchWrites) -> dict[str, Any]:
     return {
-        user_id: UserState.from_stored(user_id, profile, merge_state, deleted_at)
-        for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
+        "changed_users": _encode(
+            [_user_row(state, row_version) for state, row_version in writes.changed_users]
+        ).decode(),
+        "changed_count": len(writes.changed_users),
+        "new_users": _encode([_user_row(state) for state in writes.new_users]).decode(),
+        "ledger": _encode(writes.ledger).decode(),
+        "dead_letters": _encode(writes.dead_letters).decode(),
+        "replay_failures": _encode(writes.replay_failures).decode(),
+        "resolved_letters": _encode(writes.resolved_letters).decode(),
     }
 
 
-def _merge(
-    state: UserState,
-    user_events: list[tuple[int, UserEvent]],
-    outcomes: list[Outcome | None],
-    delete_mode: DeleteMode,
-) -> UserState:
-    for index, event in user_events:
-        outcomes[index] = apply_event(state, event, delete_mode)
-    return state
+def _user_row(state: UserState, row_version: str | None = None) -> dict[str, Any]:
+    last = state.last_version
+    return {
+        "user_id": state.user_id,
+        "row_version": row_version,
+        "profile": state.profile,
+        "merge_state": state.to_merge_state(),
+        "deleted_at": state.deleted_at,
+        "last_event_processed": from_micros(last[0]) if last else None,
+        "last_event_id": last[1] if last else None,
+    }
 
 
-async def record_dead_letter(
-    conn: Connection, route: str, body: bytes, headers: Mapping[str, str], error: str
-) -> int:
-    async with conn.transaction(), conn.cursor() as cursor:
-        await cursor.execute(
-            RECORD_DEAD_LETTER,
-            {"route": route, "body": body, "headers": Jsonb(dict(headers)), "error": error},
-        )
-        row = await cursor.fetchone()
-    assert row is not None
-    return int(row[0])
+# ---------------------------------------------------------------------------------------------------------
+# Health and `relay verify`
+
+CHECK_READY = """
+SELECT coalesce(max(version), 0) FROM schema_migrations
+"""
+
+# `relay verify` watches one user's row appear, change and become a tombstone.
+FIND_USER = """
+SELECT name, deleted_at FROM users WHERE user_id = %(user_id)s
+"""
 
 
-async def migrated_version(conn: Connection) -> int:
-    async with conn.cursor() as cursor:
+async def migrated_version(pool: Pool) -> int:
+    """The newest migration applied to the relay's schema (`NotMigrated` when there is none)."""
+    async with connection(pool) as conn, conn.cursor() as cursor:
         await cursor.execute(CHECK_READY)
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
-
-
-def _sort_key(event: Event) -> tuple[int, str]:
-    return version_of(event) if isinstance(event, UserEvent) else (0, event.id)
-
-
-def _user_columns(states: Iterable[UserState]) -> dict[str, list[Any]]:
-    columns: dict[str, list[Any]] = {
-        "user_ids": [],
-        "profiles": [],
-        "merge_states": [],
-        "deleted_ats": [],
-        "last_event_times": [],
-        "last_event_ids": [],
-    }
-    for state in states:
-        last = state.last_version
-        columns["user_ids"].append(state.user_id)
-        columns["profiles"].append(_dump_json(state.profile))
-        columns["merge_states"].append(_dump_json(state.to_merge_state()))
-        columns["deleted_ats"].append(state.deleted_at)
-        columns["last_event_times"].append(from_micros(last[0]) if last else None)
-        columns["last_event_ids"].append(last[1] if last else None)
-    return columns
-
-
-def _ledger_rows(
-    recorded: Iterable[tuple[int, Event]], outcomes: Sequence[Outcome | None]
-) -> dict[str, list[Any]]:
-    columns: dict[str, list[Any]] = {
-        "event_ids": [],
-        "event_types": [],
-        "user_ids": [],
-        "event_times": [],
-        "outcomes": [],
-    }
-    for index, event in recorded:
-        columns["event_ids"].append(event.id)
-        columns["event_types"].append(event.kind.value if isinstance(event, UserEvent) else event.type)
-        columns["user_ids"].append(event.user_id)
-        columns["event_times"].append(event.time)
-        columns["outcomes"].append(str(outcomes[index]))
-    return columns
 
 
 # Dead letters: listed, shown, replayed and resolved by `relay dead-letters`; retention by `relay prune`.
@@ -403,11 +484,6 @@ SELECT id FROM dead_letters WHERE resolved_at IS NULL AND id > %(after)s ORDER B
 
 RESOLVE_DEAD_LETTER = """
 UPDATE dead_letters SET resolved_at = now() WHERE id = %(id)s AND resolved_at IS NULL RETURNING id
-"""
-
-# A replay that fails again says so on the dead letter it replayed, rather than keeping the body twice.
-RECORD_REPLAY_FAILURE = """
-UPDATE dead_letters SET error = %(error)s WHERE id = %(id)s RETURNING id
 """
 
 PRUNE_CUTOFF = """
@@ -465,15 +541,6 @@ async def resolve_dead_letter(conn: Connection, letter_id: int) -> bool:
     async with conn.transaction(), conn.cursor() as cursor:
         await cursor.execute(RESOLVE_DEAD_LETTER, {"id": letter_id})
         return await cursor.fetchone() is not None
-
-
-async def record_replay_failure(conn: Connection, letter_id: int, error: str) -> int:
-    async with conn.transaction(), conn.cursor() as cursor:
-        await cursor.execute(RECORD_REPLAY_FAILURE, {"id": letter_id, "error": error})
-        row = await cursor.fetchone()
-    if row is None:
-        raise LookupError(f"dead letter {letter_id} no longer exists")
-    return int(row[0])
 
 
 async def prune_cutoff(conn: Connection, age: timedelta) -> datetime:

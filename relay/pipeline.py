@@ -1,0 +1,343 @@
+"""Events in, one decision each, one committed batch out.
+
+Every way in (the HTTP routes, catch-up, dead-letter replay) hands the pipeline a `Delivery`: the decoded
+items of one body, the route they came by, and the headers worth keeping with a dead letter. Deliveries from
+concurrent requests are committed together (`batching.GroupCommitter`), and `decide` is the one place an
+item's outcome is settled: `applied`, `tombstoned`, `stale`, `duplicate`, `test`, `ignored` or
+`dead_lettered`. The ledger rows, the users and the dead letters of a batch are written in one transaction,
+so a delivery is answered only once all of it is committed.
+
+No item can make another item's delivery fail. An exception while merging one event makes that event a dead
+letter and leaves its batch-mates alone; if PostgreSQL refuses a batch's data, the batch is split until the
+item it refuses is found and kept as a dead letter. Only a database that cannot be reached (or is not
+migrated) fails a delivery, and then every delivery of the batch alike, with nothing committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from relay import store
+from relay.batching import GroupCommitter
+from relay.events import EventKind, Item, OtherEvent, Undecodable, UserEvent
+from relay.handlers import Outcome, UserState, apply_event
+from relay.observability import BATCH_SIZE, COMMIT_SECONDS, count_events, observe_lag
+from relay.settings import DeleteMode, Settings
+from relay.store import BatchWrites, LedgerRow, NewDeadLetter, ReplayFailure, StoredUser
+
+log = logging.getLogger("relay.pipeline")
+
+# Only these request headers are kept with a dead letter: never credentials or signatures.
+DIAGNOSTIC_HEADERS = frozenset(
+    {"content-type", "content-length", "user-agent", "webhook-id", "webhook-timestamp", "x-request-id"}
+)
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """The items of one body, decoded, with what a dead letter keeps of where they came from."""
+
+    route: str
+    items: list[Item]
+    headers: dict[str, str] = {}  # diagnostic headers only
+    replaying: int | None = None  # the dead letter this body is replayed from
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class EventResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What became of one item; also the shape of each entry in a 200 answer."""
+
+    id: str | None
+    outcome: Outcome
+    dead_letter_id: int | None = None
+    error: str | None = None
+
+
+class NotAllowed(Exception):
+    """Authentic, but an item names a tenant or stream outside the allow-lists; nothing was stored."""
+
+
+def diagnostic_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers kept with a dead letter, so a person can tell where it came from."""
+    return {name: value for name, value in headers.items() if name.lower() in DIAGNOSTIC_HEADERS}
+
+
+def check_origins(
+    items: Sequence[Item], allowed_tenants: Collection[str], allowed_streams: Collection[str]
+) -> None:
+    """Raises `NotAllowed` when an item names a tenant or stream outside the allow-lists (when set).
+
+    A body holding such an item is refused whole: it is not ours to keep, not even as a dead letter, and the
+    failures Auth0 records make the misdirected stream visible. An item that is not even a JSON object names
+    no origin; it is dead-lettered like any undecodable body, since the credentials that came with it are
+    ours.
+    """
+    if not (allowed_tenants or allowed_streams):
+        return
+    for item in items:
+        origin = item.origin
+        if origin is None:
+            continue
+        for allowed, name, what, variable in (
+            (allowed_tenants, origin.tenant, "tenant (a0tenant)", "RELAY_ALLOWED_TENANTS"),
+            (allowed_streams, origin.stream, "event stream (a0stream)", "RELAY_ALLOWED_STREAMS"),
+        ):
+            if not allowed or name in allowed:
+                continue
+            if name is None:
+                raise NotAllowed(f"the event names no {what}; this relay accepts only those in {variable}")
+            shown = name if len(name) <= 64 else name[:64] + "…"
+            raise NotAllowed(f"events from {what} {shown!r} are not accepted by this relay ({variable})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decision
+
+Entry = tuple[Delivery, Item]  # an item, with the delivery it came in
+
+
+@dataclass(slots=True)
+class _Decided:
+    """Outcomes (and errors) per entry of a batch, in the batch's order, and what to write."""
+
+    outcomes: list[Outcome]
+    errors: dict[int, str] = field(default_factory=dict)  # entry index -> why it is a dead letter
+    writes: BatchWrites = field(default_factory=BatchWrites)
+    # entry index -> position in writes.dead_letters
+    letter_index: dict[int, int] = field(default_factory=dict)
+
+
+def decide(
+    entries: Sequence[Entry],
+    processed: Collection[str],
+    stored: Mapping[str, StoredUser],
+    delete_mode: DeleteMode,
+) -> _Decided:
+    """Every entry's outcome, and the writes that carry them out; pure.
+
+    `processed` are the event ids the ledger already holds; `stored` the batch's known users as they are.
+    Entries are considered in version order, so outcomes read as they would had the events come one by one.
+    """
+    decided = _Decided([Outcome.DUPLICATE] * len(entries))
+    seen = set(processed)
+    by_user: dict[str, list[tuple[int, UserEvent]]] = {}
+    for index in sorted(range(len(entries)), key=lambda index: _version_order(entries[index][1])):
+        match item := entries[index][1]:
+            case Undecodable(reason=reason):
+                decided.outcomes[index] = Outcome.DEAD_LETTERED
+                decided.errors[index] = reason
+            case OtherEvent() | UserEvent() if item.id in seen:
+                decided.outcomes[index] = Outcome.DUPLICATE
+            case OtherEvent(is_test=is_test):
+                seen.add(item.id)
+                decided.outcomes[index] = Outcome.TEST if is_test else Outcome.IGNORED
+            case UserEvent(user_id=user_id):
+                seen.add(item.id)
+                by_user.setdefault(user_id, []).append((index, item))
+
+    for user_id, events in by_user.items():
+        known = stored.get(user_id)
+        state = _merge(user_id, known, events, decided, delete_mode)
+        if state is None:
+            continue
+        if known is None:
+            decided.writes.new_users.append(state)
+        else:
+            decided.writes.changed_users.append((state, known.row_version))
+
+    for index, (delivery, item) in enumerate(entries):
+        outcome = decided.outcomes[index]
+        if outcome is Outcome.DEAD_LETTERED:
+            if delivery.replaying is None:
+                decided.letter_index[index] = len(decided.writes.dead_letters)
+                decided.writes.dead_letters.append(
+                    NewDeadLetter(delivery.route, item.raw, delivery.headers, decided.errors[index])
+                )
+        elif outcome is not Outcome.DUPLICATE:
+            assert not isinstance(item, Undecodable)
+            decided.writes.ledger.append(
+                LedgerRow(item.id, _type_of(item), item.user_id, item.time, outcome.value)
+            )
+    _settle_replays(entries, decided)
+    return decided
+
+
+def _merge(
+    user_id: str,
+    known: StoredUser | None,
+    events: list[tuple[int, UserEvent]],
+    decided: _Decided,
+    delete_mode: DeleteMode,
+) -> UserState | None:
+    """The user's state with `events` merged in (in version order); an event whose merge raises is made a dead
+    letter and the merge starts over without it, so a half-applied event never reaches the row."""
+    while True:
+        state = known.state(user_id) if known is not None else UserState(user_id)
+        for index, event in events:
+            try:
+                decided.outcomes[index] = apply_event(state, event, delete_mode)
+            except Exception as error:
+                log.warning(
+                    "event could not be merged; kept as a dead letter",
+                    extra={"fields": {"event_id": event.id, "error_class": type(error).__name__}},
+                )
+                decided.outcomes[index] = Outcome.DEAD_LETTERED
+                decided.errors[index] = f"the event could not be merged ({type(error).__name__})"
+                events = [entry for entry in events if entry[0] != index]
+                break
+        else:
+            return state if events else None
+
+
+def _settle_replays(entries: Sequence[Entry], decided: _Decided) -> None:
+    """A replayed dead letter keeps the errors of its items that fail again (no second copy of its body is
+    made), and is resolved once all of its items went in. Its items are settled together only when all of
+    them are in this batch; a batch split to isolate a refused item records that item's error and resolves
+    nothing, which is right, since the letter still fails."""
+    replayed: dict[int, tuple[Delivery, list[int]]] = {}
+    for index, (delivery, _) in enumerate(entries):
+        if delivery.replaying is not None:
+            replayed.setdefault(id(delivery), (delivery, []))[1].append(index)
+    for delivery, indexes in replayed.values():
+        assert delivery.replaying is not None
+        errors = [decided.errors[index] for index in indexes if index in decided.errors]
+        if errors:
+            decided.writes.replay_failures.append(ReplayFailure(delivery.replaying, "\n".join(errors)))
+        elif len(indexes) == len(delivery.items):
+            decided.writes.resolved_letters.append(delivery.replaying)
+
+
+def _version_order(item: Item) -> tuple[int, str]:
+    if isinstance(item, UserEvent):
+        return item.version
+    return (0, item.id if isinstance(item, OtherEvent) else "")
+
+
+def _type_of(item: UserEvent | OtherEvent) -> str:
+    return item.kind.value if isinstance(item, UserEvent) else item.type
+
+
+def _id_of(item: Item) -> str | None:
+    return None if isinstance(item, Undecodable) else item.id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Committing
+
+
+class Pipeline:
+    """Deliveries in, results out, each answered once its batch has committed."""
+
+    def __init__(self, pool: store.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._delete_mode = settings.delete_mode
+        self.allowed_tenants = settings.allowed_tenants
+        self.allowed_streams = settings.allowed_streams
+        self._committer: GroupCommitter[Delivery, list[EventResult]] = GroupCommitter(
+            self.commit,
+            max_batch=settings.batch_max_events,
+            max_wait_seconds=settings.batch_max_wait_ms / 1000,
+            max_queued=settings.queue_max_events,
+            flushers=settings.batch_flushers,
+        )
+
+    @property
+    def queued_events(self) -> int:
+        return self._committer.queued
+
+    def start(self) -> None:
+        self._committer.start()
+
+    async def close(self) -> None:
+        """Commits every delivery already accepted."""
+        await self._committer.close()
+
+    async def deliver(self, delivery: Delivery) -> list[EventResult]:
+        """The results of a delivery's items once committed. Raises `NotAllowed` (nothing stored),
+        `batching.Saturated`, or a `StoreError` (nothing committed)."""
+        check_origins(delivery.items, self.allowed_tenants, self.allowed_streams)
+        if not delivery.items:
+            return []
+        return await self._committer.submit(delivery)
+
+    async def commit(self, deliveries: list[Delivery]) -> list[list[EventResult]]:
+        """Commits deliveries in one transaction (or, if PostgreSQL refuses some of their data, in as many as
+        it takes to find the items it refuses); one list of results per delivery."""
+        started = time.perf_counter()
+        entries = [(delivery, item) for delivery in deliveries for item in delivery.items]
+        parts = await store.commit_isolating(entries, self._commit_entries, self._set_aside)
+        results = [result for part in parts for result in part]
+        BATCH_SIZE.observe(len(entries))
+        COMMIT_SECONDS.observe(time.perf_counter() - started)
+        _report(entries, results)
+        grouped, start = [], 0
+        for delivery in deliveries:
+            grouped.append(results[start : start + len(delivery.items)])
+            start += len(delivery.items)
+        return grouped
+
+    async def _set_aside(self, entry: Entry, reason: str) -> list[EventResult]:
+        """Keeps the one item PostgreSQL refused as a dead letter."""
+        delivery, item = entry
+        return await self._commit_entries([(delivery, Undecodable(item.raw, reason, item.origin))])
+
+    async def _commit_entries(self, entries: Sequence[Entry]) -> list[EventResult]:
+        decided: _Decided | None = None
+
+        def decide_from(processed: frozenset[str], stored: dict[str, StoredUser]) -> BatchWrites:
+            nonlocal decided
+            decided = decide(entries, processed, stored, self._delete_mode)
+            return decided.writes
+
+        event_ids = [item.id for _, item in entries if not isinstance(item, Undecodable)]
+        user_ids = [item.user_id for _, item in entries if isinstance(item, UserEvent)]
+        committed = await store.commit_batch(self._pool, event_ids, user_ids, decide_from)
+        assert decided is not None
+        results = []
+        for index, (delivery, item) in enumerate(entries):
+            outcome = decided.outcomes[index]
+            event_id = _id_of(item)
+            if outcome is Outcome.DEAD_LETTERED:
+                position = decided.letter_index.get(index)
+                letter_id = delivery.replaying
+                if position is not None:
+                    letter_id = committed.dead_letter_ids[position]
+                results.append(EventResult(event_id, outcome, letter_id, decided.errors[index]))
+            elif outcome is not Outcome.DUPLICATE and event_id not in committed.recorded:
+                # Recorded by a concurrent batch between our look-up and our insert.
+                results.append(EventResult(event_id, Outcome.DUPLICATE))
+            else:
+                results.append(EventResult(event_id, outcome))
+        return results
+
+
+_METRIC_TYPES = frozenset(kind.value for kind in EventKind)
+
+
+def _report(entries: Sequence[Entry], results: Sequence[EventResult]) -> None:
+    """Metrics for every committed item, and one log line for the batch (the ledger is the per-event
+    record)."""
+    counted: list[tuple[str, str]] = []
+    oldest: int | None = None
+    for (_, item), result in zip(entries, results, strict=True):
+        event_type = "other"
+        if isinstance(item, UserEvent):
+            event_type = item.kind.value
+            oldest = item.version[0] if oldest is None else min(oldest, item.version[0])
+        elif isinstance(item, OtherEvent) and item.type in _METRIC_TYPES:
+            event_type = item.type
+        counted.append((event_type, result.outcome.value))
+    count_events(counted)
+    if oldest is not None:
+        observe_lag(oldest / 1_000_000)
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "batch committed",
+            extra={"fields": {"events": [[result.id, result.outcome.value] for result in results]}},
+        )
