@@ -119,7 +119,7 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise _Refusal(499, "client went away", "client_disconnected")
-                chunk = message.get("body", b"")
+                chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
                 size += len(chunk)
                 if size > limit:
                     raise _Refusal(413, f"body larger than {limit} bytes", "body_too_large")
@@ -141,7 +141,7 @@ def _event_route(
 
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        if scope["method"] != "POST":
+        if scope.get("method") != "POST":
             await _send(send, 405, _encoder.encode(_Problem("use POST")), _POST_ONLY_HEADERS)
             count_request(path, 405)
             return

@@ -2,9 +2,14 @@
 
 Each export row is a full snapshot whose version is its `updated_at` (ties lose to any real event), applied
 like a `user.updated` snapshot: it never revives a deleted user, and a live event or a tombstone newer than it
-wins, field by field. Rows go through COPY into a staging table and are merged in one transaction per chunk:
-new users with one INSERT … SELECT, known ones through the same merge the handlers use. A chunk commits whole
-or not at all, so an interrupted load leaves no half-applied chunk, and running it again is safe.
+wins, field by field.
+
+The rows are not decoded into Python objects: each line is only checked against the same `UserObject` the
+live path uses, then the chunk's lines go to PostgreSQL raw, through COPY, and users the copy does not have
+(all of them, on a first load) are inserted there in one statement. Only users the copy already has come
+back to be merged by `handlers.apply_event`. A chunk commits whole or not at all, so an interrupted load
+leaves no half-applied chunk, and running it again is safe. Two chunks are merged at a time, on two
+connections, while the next is read.
 """
 
 from __future__ import annotations
@@ -12,26 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
-import psycopg
-from psycopg_pool import AsyncConnectionPool
 
-from relay.batching import DEADLOCK_ATTEMPTS, is_unstorable
-from relay.events import EventKind, UserEvent, UserObject
-from relay.handlers import UserState, from_micros, to_micros
+from relay import store
+from relay.events import EventKind, Origin, UserEvent, UserObject, from_micros, holds_nul
+from relay.handlers import Outcome, UserState, apply_event
 from relay.settings import DeleteMode
-from relay.store import Connection, SnapshotCounts, merge_snapshots, record_dead_letter
+from relay.store import KnownSnapshot, NewDeadLetter, Pool
 
 # Ties between a snapshot and an event at the same instant go to the event: "backfill" sorts before "evt_".
 BACKFILL_VERSION_ID = "backfill"
+DEAD_LETTER_ROUTE = "backfill"
 CHUNK_ROWS = 10_000
+# Chunks merged at once, each on its own connection: PostgreSQL's side of a merge is one process per chunk.
+CHUNKS_IN_FLIGHT = 2
+_READ_BYTES = 1 << 20
 
 # What `relay backfill` asks the export job for: every field the copy keeps, metadata objects whole.
 EXPORT_FIELDS = (
@@ -58,7 +63,6 @@ EXPORT_FIELDS = (
     "multifactor",
 )
 
-_profile_decoder = msgspec.json.Decoder(dict[str, Any])
 _user_decoder = msgspec.json.Decoder(UserObject)
 
 
@@ -68,159 +72,141 @@ class BackfillReport:
     inserted: int = 0  # users the copy did not have
     merged: int = 0  # known users the snapshot was newer for, in some field at least
     stale: int = 0  # known users whose stored state is newer than the snapshot
-    rejected: int = 0  # rows that are not Auth0 users: kept in dead_letters
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotRow:
-    user_id: str
-    line: bytes
-    profile: dict[str, Any]
-    version_us: int
-
-    def as_event(self) -> UserEvent:
-        return UserEvent(
-            id=BACKFILL_VERSION_ID,
-            kind=EventKind.UPDATED,
-            time=from_micros(self.version_us),
-            user_id=self.user_id,
-            profile=self.profile,
-            is_snapshot=True,
-            deleted_at=None,
-        )
-
-    def new_user_state(self) -> UserState:
-        """The state a user seen for the first time gets from this row, as `apply_event` would give it."""
-        state = UserState(self.user_id)
-        version = (self.version_us, BACKFILL_VERSION_ID)
-        state.profile = self.profile
-        state.snapshot_version = version
-        state.last_version = version
-        return state
+    rejected: int = 0  # rows that are not Auth0 users, or that PostgreSQL refused: kept in dead_letters
 
 
 def export_lines(path: Path) -> Iterator[bytes]:
-    """The NDJSON lines of an export file, gunzipped as they are read when the file is gzip."""
+    """The non-blank lines of an export file, stripped, gunzipped as they are read when the file is gzip."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
-    if gzipped:
-        with gzip.open(path, "rb") as unzipped:
-            yield from io.BufferedReader(unzipped, buffer_size=1 << 20)
-    else:
-        with path.open("rb") as plain:
-            yield from plain
+    with gzip.open(path, "rb") if gzipped else path.open("rb") as file:
+        rest = b""
+        while block := file.read(_READ_BYTES):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            yield from (line.strip() for line in lines if line.strip())
+        if rest.strip():
+            yield rest.strip()
 
 
-def parse_row(line: bytes) -> SnapshotRow:
-    """One export line as a snapshot, or `ValueError` saying why it is not an Auth0 user."""
+def check_row(line: bytes) -> str | None:
+    """Why an export line is not an Auth0 user the copy can take, or None when it is."""
     try:
         checked = _user_decoder.decode(line)
-        profile = _profile_decoder.decode(line)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
-        raise ValueError(f"not an Auth0 user: {error}") from None
-    moment = checked.updated_at if isinstance(checked.updated_at, datetime) else None
-    if moment is None:
-        moment = checked.created_at if isinstance(checked.created_at, datetime) else None
-    if moment is None:
-        raise ValueError("an export row needs updated_at (or created_at) to be versioned")
-    return SnapshotRow(checked.user_id, line.strip(), profile, to_micros(moment))
+        return f"not an Auth0 user: {error}"
+    if not isinstance(checked.updated_at, datetime) and not isinstance(checked.created_at, datetime):
+        return "an export row needs updated_at (or created_at) to be versioned"
+    if b"\\u0000" in line and holds_nul(line):
+        return "the row holds a \\u0000 character, which PostgreSQL cannot store in text or jsonb"
+    return None
 
 
 async def load_export(
-    pool: AsyncConnectionPool[Connection],
+    pool: Pool,
     lines: Iterable[bytes],
     delete_mode: DeleteMode,
     *,
     progress: Callable[[BackfillReport], None] = lambda _: None,
     chunk_rows: int = CHUNK_ROWS,
+    chunks_in_flight: int = CHUNKS_IN_FLIGHT,
 ) -> BackfillReport:
-    """Merges every row of an export into the copy, one committed chunk at a time.
-
-    While PostgreSQL merges one chunk, the next is read and checked: the two halves of the work overlap
-    instead of taking turns.
-    """
+    """Merges every line of an export into the copy, one committed chunk at a time, several at once."""
     report = BackfillReport()
-    chunk: dict[str, SnapshotRow] = {}
-    merging: asyncio.Task[None] | None = None
+    merging: set[asyncio.Task[None]] = set()
 
-    async def hand_over(rows: dict[str, SnapshotRow]) -> asyncio.Task[None]:
-        if merging is not None:
-            await merging
+    async def hand_over(chunk: list[bytes], rejected: list[NewDeadLetter]) -> None:
+        while len(merging) >= chunks_in_flight:
+            done, _ = await asyncio.wait(merging, return_when=asyncio.FIRST_COMPLETED)
+            merging.difference_update(done)
+            for task in done:
+                task.result()  # a failed chunk stops the load
             progress(report)
-        return asyncio.create_task(_merge_chunk(pool, rows, delete_mode, report))
+        merging.add(asyncio.create_task(_merge_chunk(pool, chunk, rejected, delete_mode, report)))
 
     try:
+        chunk: list[bytes] = []
+        rejected: list[NewDeadLetter] = []
         for line in lines:
-            if not line.strip():
-                continue
             report.rows += 1
-            if report.rows % 1000 == 0:
-                await asyncio.sleep(0)  # let the merge in flight send its next statement
-            try:
-                row = parse_row(line)
-            except ValueError as error:
-                report.rejected += 1
-                async with pool.connection() as conn:
-                    await record_dead_letter(conn, "backfill", line, {}, str(error))
-                continue
-            known = chunk.get(row.user_id)
-            if known is None or row.version_us > known.version_us:
-                chunk[row.user_id] = row
-            if len(chunk) >= chunk_rows:
-                merging = await hand_over(chunk)
-                chunk = {}
-        if chunk:
-            merging = await hand_over(chunk)
-        if merging is not None:
-            await merging
+            problem = check_row(line)
+            if problem is None:
+                chunk.append(line)
+            else:
+                rejected.append(NewDeadLetter(DEAD_LETTER_ROUTE, line, {}, problem))
+            if len(chunk) + len(rejected) >= chunk_rows:
+                await hand_over(chunk, rejected)
+                chunk, rejected = [], []
+        if chunk or rejected:
+            await hand_over(chunk, rejected)
+        for task in asyncio.as_completed(list(merging)):
+            await task
+        merging.clear()
     finally:
-        if merging is not None and not merging.done():
-            merging.cancel()  # its transaction rolls back: no half-applied chunk
+        for task in merging:
+            task.cancel()  # its transaction rolls back: no half-applied chunk
+        for task in merging:
             with contextlib.suppress(asyncio.CancelledError):
-                await merging
+                await task
     progress(report)
     return report
 
 
 async def _merge_chunk(
-    pool: AsyncConnectionPool[Connection],
-    chunk: dict[str, SnapshotRow],
+    pool: Pool,
+    lines: list[bytes],
+    rejected: list[NewDeadLetter],
     delete_mode: DeleteMode,
     report: BackfillReport,
 ) -> None:
-    rows = list(chunk.values())
-    try:
-        counts = await _merge_retrying_deadlocks(pool, rows, delete_mode)
-    except psycopg.Error as error:
-        if not is_unstorable(error):
-            raise
-        if len(rows) == 1:
-            report.rejected += 1
-            async with pool.connection() as conn:
-                await record_dead_letter(
-                    conn, "backfill", rows[0].line, {}, f"PostgreSQL refused the row: {error}"
-                )
-            return
-        # Find the rows PostgreSQL refuses by halves, so the rest of the chunk still lands.
-        middle = len(rows) // 2
-        for half in (rows[:middle], rows[middle:]):
-            await _merge_chunk(pool, {row.user_id: row for row in half}, delete_mode, report)
-        return
-    report.inserted += counts.inserted
-    report.merged += counts.merged
-    report.stale += counts.stale
+    """Merges one chunk; a line PostgreSQL refuses is found by halves and kept as a dead letter."""
+    unwritten = list(rejected)  # the chunk's rejected lines go with whichever part commits first
+    merged = stale = 0
+
+    def merge(known: list[KnownSnapshot]) -> list[UserState]:
+        # Called again if the chunk is run again, so it only counts; the counts are kept once committed.
+        nonlocal merged, stale
+        merged = stale = 0
+        states = []
+        for snapshot in known:
+            state = snapshot.stored.state(snapshot.user_id)
+            if apply_event(state, _as_event(snapshot), delete_mode) is Outcome.STALE:
+                stale += 1
+                if snapshot.stored.holds(state):
+                    continue  # nothing to write: the same export loaded again, say
+            else:
+                merged += 1
+            states.append(state)
+        return states
+
+    async def commit(part: Sequence[bytes], refused: Sequence[NewDeadLetter] = ()) -> None:
+        letters = [*unwritten, *refused]
+        counts = await store.merge_export_chunk(pool, part, letters, BACKFILL_VERSION_ID, merge)
+        report.inserted += counts.inserted
+        report.stale += counts.stale + stale
+        report.merged += merged
+        report.rejected += len(letters)
+        unwritten.clear()
+
+    async def set_aside(line: bytes, reason: str) -> None:
+        await commit([], [NewDeadLetter(DEAD_LETTER_ROUTE, line, {}, reason)])
+
+    if lines:
+        await store.commit_isolating(lines, commit, set_aside, what="row")
+    if unwritten:
+        await commit([])
 
 
-async def _merge_retrying_deadlocks(
-    pool: AsyncConnectionPool[Connection], rows: list[SnapshotRow], delete_mode: DeleteMode
-) -> SnapshotCounts:
-    # A chunk locks the users it knows, then inserts the others: with live batches doing the same, two
-    # transactions can each hold what the other needs. PostgreSQL rolls one back; merging again is safe.
-    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
-        try:
-            async with pool.connection() as conn:
-                return await merge_snapshots(conn, rows, delete_mode)
-        except psycopg.errors.DeadlockDetected:
-            if attempt == DEADLOCK_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable: the last attempt returns or raises")
+def _as_event(snapshot: KnownSnapshot) -> UserEvent:
+    return UserEvent(
+        id=BACKFILL_VERSION_ID,
+        kind=EventKind.UPDATED,
+        time=from_micros(snapshot.version_us),
+        version=(snapshot.version_us, BACKFILL_VERSION_ID),
+        user_id=snapshot.user_id,
+        profile=snapshot.row,
+        is_snapshot=True,
+        deleted_at=None,
+        origin=Origin(),
+        raw=b"",
+    )

@@ -208,7 +208,7 @@ def decode_event(raw: bytes) -> Item:
         return _not_a_user_event_shape(raw, error)
     origin = Origin(event.a0tenant, event.a0stream)
     # The byte search is cheap and almost always false; only then is the event searched for a real NUL.
-    if b"\\u0000" in raw and _holds_nul(raw):
+    if b"\\u0000" in raw and holds_nul(raw):
         return Undecodable(raw, _HOLDS_NUL, origin)
     event_type = event.type.removeprefix("com.auth0.")
     kind = _KINDS.get(event_type)
@@ -250,7 +250,7 @@ def _not_a_user_event_shape(raw: bytes, error: Exception) -> Item:
     except _DECODE_ERRORS as envelope_error:
         return Undecodable(raw, f"not a CloudEvent: {_describe(envelope_error)}", _read_origin(raw))
     origin = Origin(envelope.a0tenant, envelope.a0stream)
-    if b"\\u0000" in raw and _holds_nul(raw):
+    if b"\\u0000" in raw and holds_nul(raw):
         return Undecodable(raw, _HOLDS_NUL, origin)
     event_type = envelope.type.removeprefix("com.auth0.")
     if event_type in _KINDS and envelope.a0purpose != "test":
@@ -306,7 +306,7 @@ def _read_origin(raw: bytes) -> Origin | None:
     )
 
 
-def _holds_nul(raw: bytes) -> bool:
+def holds_nul(raw: bytes) -> bool:
     """Whether a NUL character is in any string, key or value, of a JSON document (or it is nested too
     deeply to tell)."""
     try:

@@ -1,10 +1,10 @@
 """Operator tasks on what the relay has stored: dead letters (`relay dead-letters list | show | replay |
 resolve`) and retention (`relay prune`). The SQL is in `store.py`; `cli.py` only wires these up.
 
-A replay sends a dead letter's stored body through `ingest_body` again, so it meets the current decoder,
-handlers and allow-lists exactly as a new delivery would, and is applied at most once whatever happens
-(the ledger sees to that). A dead letter whose events all go through is marked resolved; one that still
-fails keeps its row, with the new error, and no second copy of the body is made.
+A replay hands a dead letter's stored body to the pipeline again, so it meets the current decoder, handlers
+and allow-lists exactly as a new delivery would, and is applied at most once whatever happens (the ledger
+sees to that). The same transaction that applies its events resolves the dead letter, or, if an item still
+fails, records the new error on it; no second copy of the body is made.
 """
 
 from __future__ import annotations
@@ -12,22 +12,17 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, TextIO
 
-from psycopg_pool import AsyncConnectionPool
-
 from relay import store
-from relay.batching import Result, apply_isolating
-from relay.events import Event
+from relay.events import Undecodable, decode_body
 from relay.handlers import Outcome
-from relay.ingest import NotAllowed, ingest_body
+from relay.pipeline import Delivery, NotAllowed, Pipeline, check_origins
 from relay.settings import Settings
-from relay.store import Connection, DeadLetter
+from relay.store import Connection, DeadLetter, Pool, open_pool
 
-REPLAY_ROUTE = "replay"
 # Unresolved dead letters are replayed a page at a time, so their bodies are never all in memory at once.
 REPLAY_PAGE = 100
 # Larger bodies are shown in hex only this far; the whole body stays in the table.
@@ -46,17 +41,6 @@ def parse_age(text: str) -> timedelta:
     return timedelta(days=count) if match[2] == "d" else timedelta(hours=count)
 
 
-@asynccontextmanager
-async def open_pool(conninfo: str, settings: Settings) -> AsyncIterator[AsyncConnectionPool[Connection]]:
-    """The relay's own pool (schema on the search path, the same JSON codecs) for one operator command."""
-    pool = store.create_pool(conninfo, settings)
-    await pool.open(wait=True, timeout=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Replay
 
@@ -68,68 +52,49 @@ class Replayed:
     detail: str = ""
 
 
-async def replay_dead_letter(
-    pool: AsyncConnectionPool[Connection], letter: DeadLetter, settings: Settings
-) -> Replayed:
-    """Runs one dead letter's body through the current decoder and handlers; resolves it if all went in."""
-
-    async def apply(events: Sequence[Event]) -> list[Result]:
-        return await apply_isolating(pool, events, settings.delete_mode)
-
+async def replay_dead_letter(pipeline: Pipeline, letter: DeadLetter) -> Replayed:
+    """Runs one dead letter's body through the pipeline; it is resolved if all of its events went in."""
+    items = decode_body(letter.body)
     try:
-        results = await ingest_body(
-            pool,
-            apply,
-            route=REPLAY_ROUTE,
-            headers=letter.headers,
-            body=letter.body,
-            allowed_tenants=settings.allowed_tenants,
-            allowed_streams=settings.allowed_streams,
-            replaying=letter.id,
-        )
+        check_origins(items, pipeline.allowed_tenants, pipeline.allowed_streams)
     except NotAllowed as refused:
-        async with pool.connection() as conn:
-            await store.record_replay_failure(conn, letter.id, refused.reason)
-        return Replayed(letter.id, "failing", refused.reason)
-
+        # Not ours to apply any more; the letter keeps the reason, and its body, for a person to judge.
+        items = [Undecodable(item.raw, str(refused), item.origin) for item in items]
+    delivery = Delivery(letter.route, items, letter.headers, replaying=letter.id)
+    [results] = await pipeline.commit([delivery])
     failures = [result.error or "" for result in results if result.outcome is Outcome.DEAD_LETTERED]
     if failures:
-        if len(failures) > 1:
-            # Each failure was recorded as it happened; keep all of them, not only the last.
-            async with pool.connection() as conn:
-                await store.record_replay_failure(conn, letter.id, "\n".join(failures))
         return Replayed(letter.id, "failing", "; ".join(failures))
-    async with pool.connection() as conn:
-        await store.resolve_dead_letter(conn, letter.id)
-    return Replayed(letter.id, "resolved", ", ".join(f"{r.event_id} {r.outcome}" for r in results))
+    return Replayed(letter.id, "resolved", ", ".join(f"{r.id} {r.outcome.value}" for r in results))
 
 
 async def replay_dead_letters(
-    pool: AsyncConnectionPool[Connection], letter_ids: Sequence[int], settings: Settings
+    pool: Pool, letter_ids: Sequence[int], settings: Settings
 ) -> AsyncIterator[Replayed]:
     """Replays the given dead letters, or every unresolved one when none is given, oldest first."""
+    pipeline = Pipeline(pool, settings)
     if letter_ids:
         for letter_id in letter_ids:
-            async with pool.connection() as conn:
+            async with store.connection(pool) as conn:
                 letter = await store.find_dead_letter(conn, letter_id)
             if letter is None:
                 yield Replayed(letter_id, "not found")
             elif letter.resolved_at is not None:
                 yield Replayed(letter_id, "already resolved", f"at {_when(letter.resolved_at)}")
             else:
-                yield await replay_dead_letter(pool, letter, settings)
+                yield await replay_dead_letter(pipeline, letter)
         return
 
     after = 0
     while True:
-        async with pool.connection() as conn:
+        async with store.connection(pool) as conn:
             page = await store.next_unresolved_dead_letters(conn, after=after, limit=REPLAY_PAGE)
         for letter_id in page:
-            async with pool.connection() as conn:
+            async with store.connection(pool) as conn:
                 letter = await store.find_dead_letter(conn, letter_id)
             # Resolved or pruned by someone else since the page was read: nothing left to do.
             if letter is not None and letter.resolved_at is None:
-                yield await replay_dead_letter(pool, letter, settings)
+                yield await replay_dead_letter(pipeline, letter)
         if len(page) < REPLAY_PAGE:
             return
         after = page[-1]
@@ -146,10 +111,10 @@ class Pruned:
     dead_letters: int
 
 
-async def prune(pool: AsyncConnectionPool[Connection], older_than: timedelta, batch_size: int) -> Pruned:
+async def prune(pool: Pool, older_than: timedelta, batch_size: int) -> Pruned:
     """Deletes ledger rows received, and dead letters resolved, more than `older_than` ago, in batches.
     Users, tombstones included, are never touched."""
-    async with pool.connection() as conn:
+    async with store.connection(pool) as conn:
         cutoff = await store.prune_cutoff(conn, older_than)
         processed_events = await _in_batches(store.prune_processed_events, conn, cutoff, batch_size)
         dead_letters = await _in_batches(store.prune_resolved_dead_letters, conn, cutoff, batch_size)
@@ -177,7 +142,7 @@ async def _in_batches(
 async def list_command(
     conninfo: str, settings: Settings, *, include_resolved: bool, limit: int, out: TextIO
 ) -> int:
-    async with open_pool(conninfo, settings) as pool, pool.connection() as conn:
+    async with open_pool(conninfo, settings) as pool, store.connection(pool) as conn:
         letters = await store.list_dead_letters(conn, include_resolved=include_resolved, limit=limit)
         total = await store.count_dead_letters(conn, include_resolved=include_resolved)
     kind = "dead letters" if include_resolved else "unresolved dead letters"
@@ -202,7 +167,7 @@ async def list_command(
 
 
 async def show_command(conninfo: str, settings: Settings, letter_id: int, out: TextIO) -> int:
-    async with open_pool(conninfo, settings) as pool, pool.connection() as conn:
+    async with open_pool(conninfo, settings) as pool, store.connection(pool) as conn:
         letter = await store.find_dead_letter(conn, letter_id)
     if letter is None:
         print(f"no dead letter {letter_id}", file=out)
@@ -248,7 +213,7 @@ async def replay_command(conninfo: str, settings: Settings, letter_ids: Sequence
 
 
 async def resolve_command(conninfo: str, settings: Settings, letter_id: int, out: TextIO) -> int:
-    async with open_pool(conninfo, settings) as pool, pool.connection() as conn:
+    async with open_pool(conninfo, settings) as pool, store.connection(pool) as conn:
         letter = await store.find_dead_letter(conn, letter_id)
         if letter is None:
             print(f"no dead letter {letter_id}", file=out)

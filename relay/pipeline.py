@@ -271,7 +271,7 @@ class Pipeline:
         it takes to find the items it refuses); one list of results per delivery."""
         started = time.perf_counter()
         entries = [(delivery, item) for delivery in deliveries for item in delivery.items]
-        parts = await store.commit_isolating(entries, self._commit_entries, self._set_aside)
+        parts = await store.commit_isolating(entries, self._commit_entries, self._set_aside, what="event")
         results = [result for part in parts for result in part]
         BATCH_SIZE.observe(len(entries))
         COMMIT_SECONDS.observe(time.perf_counter() - started)

@@ -57,7 +57,8 @@ class NotMigrated(StoreError):
 
 
 class Unstorable(StoreError):
-    """PostgreSQL refused the data itself (a value out of range, a malformed time): retrying cannot help."""
+    """PostgreSQL refused the data itself (a value out of range, a malformed time): retrying cannot help.
+    The message is PostgreSQL's primary message alone: its DETAIL and CONTEXT can quote other rows' data."""
 
 
 def _store_error(error: psycopg.Error) -> StoreError:
@@ -70,7 +71,7 @@ def _store_error(error: psycopg.Error) -> StoreError:
     ):
         return NotMigrated(f"the relay's tables are missing or behind ({primary}): run `relay migrate`")
     if isinstance(error, psycopg.DataError | psycopg.IntegrityError) or sqlstate[:2] in ("22", "54"):
-        return Unstorable(f"PostgreSQL refused the event: {primary}")
+        return Unstorable(primary)
     # Connection loss, a failover to a read-only server, revoked privileges, a cancelled statement: none of
     # them is the event's fault, and all of them may pass.
     return StoreUnavailable(f"{type(error).__name__}: {primary}")
@@ -104,6 +105,8 @@ async def commit_isolating(
     rows: Sequence[T],
     commit: Callable[[Sequence[T]], Awaitable[R]],
     set_aside: Callable[[T, str], Awaitable[R]],
+    *,
+    what: str,
 ) -> list[R]:
     """`commit(rows)`, or, if PostgreSQL refuses some of their data, `commit` of each half, and so on down to
     the single row it refuses, which is handed to `set_aside` with the reason. One answer per commit made, in
@@ -115,21 +118,21 @@ async def commit_isolating(
     try:
         return [await commit(rows)]
     except Unstorable as error:
-        reason = str(error)
+        reason = f"PostgreSQL refused the {what}: {error}"
     except StoreError:
         raise
     except Exception as error:
         log.warning(
-            "rows could not be stored; isolating the one at fault",
-            extra={"fields": {"rows": len(rows), "error_class": type(error).__name__}},
+            f"{what}s could not be stored; isolating the one at fault",
+            extra={"fields": {"count": len(rows), "error_class": type(error).__name__}},
         )
-        reason = f"the row could not be stored ({type(error).__name__})"
+        reason = f"the {what} could not be stored ({type(error).__name__})"
     if len(rows) == 1:
         return [await set_aside(rows[0], reason)]
     middle = len(rows) // 2
     return [
-        *await commit_isolating(rows[:middle], commit, set_aside),
-        *await commit_isolating(rows[middle:], commit, set_aside),
+        *await commit_isolating(rows[:middle], commit, set_aside, what=what),
+        *await commit_isolating(rows[middle:], commit, set_aside, what=what),
     ]
 
 
@@ -312,6 +315,14 @@ class StoredUser:
         """A fresh `UserState` of this row, for the caller to merge events into."""
         return UserState.from_stored(user_id, self.profile, self.merge_state, self.deleted_at)
 
+    def holds(self, state: UserState) -> bool:
+        """Whether writing `state` would change nothing in this row."""
+        return (
+            state.profile == self.profile
+            and state.deleted_at == self.deleted_at
+            and state.to_merge_state() == self.merge_state
+        )
+
 
 class LedgerRow(msgspec.Struct, frozen=True):
     event_id: str
@@ -414,6 +425,145 @@ def _user_row(state: UserState, row_version: str | None = None) -> dict[str, Any
         "last_event_processed": from_micros(last[0]) if last else None,
         "last_event_id": last[1] if last else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backfill: export rows copied in raw, merged in SQL
+
+# Per connection, emptied at each commit. The lines arrive exactly as the export has them: CSV with quote and
+# delimiter characters that valid JSON never holds unescaped, so each line is one value, taken literally.
+CREATE_EXPORT_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS export_lines (line jsonb NOT NULL) ON COMMIT DELETE ROWS
+"""
+
+COPY_EXPORT_LINES = """
+COPY export_lines (line) FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')
+"""
+
+# A chunk of export rows, each a full snapshot versioned by its updated_at (or created_at). Known users are
+# locked in user_id order and returned for the relay to merge under the handlers' rules, except those whose
+# stored snapshot is newer than the row, for which the row changes nothing (counted as stale). Users the copy
+# does not have are inserted here, directly, with the state the handlers would give them: the row as the
+# profile, the row's version as both the snapshot and the last version. The same lock order as live batches
+# (known users, then new ones, each sorted), so the two never deadlock.
+MERGE_EXPORT_LINES = """
+WITH staged AS (
+    SELECT DISTINCT ON (user_id) user_id, line, version_time,
+           (extract(epoch FROM version_time) * 1000000)::bigint AS version_us
+      FROM (SELECT line ->> 'user_id' AS user_id, line,
+                   coalesce(line ->> 'updated_at', line ->> 'created_at')::timestamptz AS version_time
+              FROM export_lines) AS lines
+     ORDER BY user_id, version_time DESC
+), known AS (
+    SELECT users.user_id, users.profile, users.merge_state, users.deleted_at
+      FROM users
+      JOIN staged ON staged.user_id = users.user_id
+     ORDER BY users.user_id
+       FOR UPDATE OF users
+), inserted AS (
+    INSERT INTO users (user_id, profile, merge_state, last_event_processed, last_event_id)
+    SELECT user_id, line,
+           jsonb_build_object('fields', '{}'::jsonb,
+                              'snapshot', jsonb_build_array(version_us, %(version_id)s::text),
+                              'lifecycle', NULL,
+                              'last', jsonb_build_array(version_us, %(version_id)s::text)),
+           version_time, %(version_id)s
+      FROM staged
+     WHERE user_id NOT IN (SELECT user_id FROM known)
+     ORDER BY user_id
+    RETURNING 1
+)
+SELECT 'inserted', NULL::text, (SELECT count(*) FROM inserted), NULL::jsonb, NULL::jsonb, NULL::jsonb,
+       NULL::timestamptz
+ UNION ALL
+SELECT 'stale', NULL, count(*), NULL, NULL, NULL, NULL
+  FROM known JOIN staged USING (user_id)
+ WHERE staged.version_us < (known.merge_state -> 'snapshot' ->> 0)::bigint
+ UNION ALL
+SELECT 'known', known.user_id, staged.version_us, staged.line,
+       known.profile, known.merge_state, known.deleted_at
+  FROM known JOIN staged USING (user_id)
+ WHERE NOT coalesce(staged.version_us < (known.merge_state -> 'snapshot' ->> 0)::bigint, false)
+"""
+
+# The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES.
+UPDATE_LOCKED_USERS = """
+UPDATE users
+   SET profile = batch.profile,
+       merge_state = batch.merge_state,
+       deleted_at = batch.deleted_at,
+       last_event_processed = batch.last_event_processed,
+       last_event_id = batch.last_event_id
+  FROM jsonb_to_recordset(%(users)s::jsonb)
+       AS batch(user_id text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
+                last_event_processed timestamptz, last_event_id text)
+ WHERE users.user_id = batch.user_id
+"""
+
+RECORD_DEAD_LETTERS = """
+INSERT INTO dead_letters (route, body, headers, error)
+SELECT route, decode(body, 'base64'), headers, error
+  FROM jsonb_to_recordset(%(dead_letters)s::jsonb)
+       AS letter(route text, body text, headers jsonb, error text)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class KnownSnapshot:
+    """An export row for a user the copy already has, with the user as stored (locked)."""
+
+    user_id: str
+    version_us: int
+    row: dict[str, Any]
+    stored: StoredUser
+
+
+@dataclass(frozen=True, slots=True)
+class ExportChunkCounts:
+    inserted: int
+    stale: int  # known users whose stored snapshot is newer than the row: nothing to do
+    known: list[KnownSnapshot]  # the other known users, merged by the caller
+
+
+async def merge_export_chunk(
+    pool: Pool,
+    lines: Sequence[bytes],
+    rejected: Sequence[NewDeadLetter],
+    version_id: str,
+    merge: Callable[[list[KnownSnapshot]], list[UserState]],
+) -> ExportChunkCounts:
+    """One committed transaction for a chunk of export lines (already checked to be Auth0 users): COPY them in
+    raw, insert the new users in SQL, hand the known ones to `merge` and write what it returns, and keep the
+    `rejected` lines as dead letters."""
+
+    async def work(conn: Connection) -> ExportChunkCounts:
+        async with conn.transaction(), conn.cursor() as cursor:
+            await cursor.execute(CREATE_EXPORT_STAGING)
+            if lines:
+                async with cursor.copy(COPY_EXPORT_LINES) as copy:
+                    await copy.write(b"\n".join(lines))
+            inserted = stale = 0
+            known: list[KnownSnapshot] = []
+            if lines:
+                await cursor.execute(MERGE_EXPORT_LINES, {"version_id": version_id})
+                for kind, user_id, number, row, profile, merge_state, deleted_at in await cursor.fetchall():
+                    if kind == "inserted":
+                        inserted = int(number)
+                    elif kind == "stale":
+                        stale = int(number)
+                    else:
+                        stored = StoredUser(profile, merge_state, deleted_at, "")
+                        known.append(KnownSnapshot(user_id, int(number), row, stored))
+            merged = merge(known)
+            if merged:
+                await cursor.execute(
+                    UPDATE_LOCKED_USERS, {"users": _encode([_user_row(s) for s in merged]).decode()}
+                )
+            if rejected:
+                await cursor.execute(RECORD_DEAD_LETTERS, {"dead_letters": _encode(list(rejected)).decode()})
+        return ExportChunkCounts(inserted, stale, known)
+
+    return await run_retrying(pool, work)
 
 
 # ---------------------------------------------------------------------------------------------------------

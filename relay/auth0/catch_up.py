@@ -3,9 +3,9 @@ retrying), read from the Events API (`GET /api/v2/events`, server-sent events).
 
 The stream is read from the cursor stored by the previous run, or from `--since` a point in time, filtered to
 the three user event types. Each message carries an opaque offset (its SSE `id`, also `data.offset`); its
-`data` is `{"offset": …, "event": <the CloudEvent>}`, and the CloudEvent goes through the same decoder and
-handlers as live traffic, in batches (`apply_isolating`). An event already received live is recorded as a
-duplicate by the ledger; one that cannot be decoded or stored is kept in `dead_letters`.
+`data` is `{"offset": …, "event": <the CloudEvent>}`, and the CloudEvent goes through the same pipeline as
+live traffic, in batches. An event already received live is recorded as a duplicate by the ledger; one that
+cannot be decoded or stored is kept in `dead_letters`.
 
 The cursor is stored in PostgreSQL (`event_cursors`) after each committed batch, and `offset-only` messages
 (heartbeats that carry a position but no event) advance it too. A batch interrupted before its commit is
@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 import msgspec
-from psycopg_pool import AsyncConnectionPool
 
+from relay import store
 from relay.auth0.export import SchemaNotReady, check_schema
 from relay.auth0.management import (
     MAX_ATTEMPTS,
@@ -38,10 +38,10 @@ from relay.auth0.management import (
     rfc3339,
 )
 from relay.auth0.progress import StatusLine
-from relay.batching import Unstorable, apply_isolating
-from relay.events import Event, UndecodableEvent, decode_event
-from relay.settings import DeleteMode, Settings
-from relay.store import Connection, create_pool, read_cursor, record_dead_letter, save_cursor
+from relay.events import Item, Undecodable, decode_event
+from relay.pipeline import Delivery, Pipeline
+from relay.settings import Settings
+from relay.store import Pool, open_pool, read_cursor, save_cursor
 
 USER_EVENT_TYPES = ("user.created", "user.updated", "user.deleted")
 READ_EVENTS = "read:events"
@@ -168,13 +168,11 @@ def run_catch_up(
     report = CatchUpReport()
 
     async def run() -> None:
-        pool = create_pool(conninfo, settings)
-        await pool.open(wait=True)
-        try:
+        async with open_pool(conninfo, settings) as pool:
             await catch_up(
                 api,
                 pool,
-                settings.delete_mode,
+                settings,
                 since=since,
                 until_idle=until_idle,
                 idle_seconds=idle_seconds,
@@ -182,8 +180,6 @@ def run_catch_up(
                 report=report,
                 sleep=sleep,
             )
-        finally:
-            await pool.close()
 
     try:
         conninfo = database()
@@ -209,8 +205,8 @@ def run_catch_up(
 
 async def catch_up(
     api: Management,
-    pool: AsyncConnectionPool[Connection],
-    delete_mode: DeleteMode,
+    pool: Pool,
+    settings: Settings,
     *,
     since: datetime | None = None,
     until_idle: bool = True,
@@ -228,7 +224,8 @@ async def catch_up(
     status = status or StatusLine()
     report = report if report is not None else CatchUpReport()
     stream = cursor_stream(api.domain)
-    async with pool.connection() as conn:
+    pipeline = Pipeline(pool, settings)
+    async with store.connection(pool) as conn:
         report.cursor = await read_cursor(conn, stream)
     if since is None and report.cursor is None:
         raise CatchUpFailed(
@@ -247,7 +244,7 @@ async def catch_up(
     async def flush() -> None:
         if batch.is_empty(report.cursor):
             return
-        await _commit(pool, delete_mode, stream, batch, report)
+        await _commit(pool, pipeline, stream, batch, report)
         batch.clear()
         status.show(f"catch-up: {report.describe()}")
 
@@ -283,7 +280,7 @@ async def catch_up(
             if item.body is not None:
                 idle_deadline = loop.time() + idle_seconds
                 batch.add(item)
-            if len(batch.events) + len(batch.dead) >= batch_max_events:
+            if len(batch.items) >= batch_max_events:
                 await flush()
     finally:
         for task in (reader, getter):
@@ -294,56 +291,35 @@ async def catch_up(
 
 @dataclass
 class _Batch:
-    events: list[tuple[Event, bytes]] = field(default_factory=list)
-    dead: list[tuple[bytes, str]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     cursor: str | None = None
     started: float = 0.0
 
     def add(self, item: _Received) -> None:
         assert item.body is not None
         if item.problem is not None:
-            self.dead.append((item.body, item.problem))
-            return
-        try:
-            self.events.append((decode_event(item.body), item.body))
-        except UndecodableEvent as error:
-            self.dead.append((item.body, str(error)))
+            self.items.append(Undecodable(item.body, item.problem))
+        else:
+            self.items.append(decode_event(item.body))
 
     def is_empty(self, stored_cursor: str | None) -> bool:
-        return not self.events and not self.dead and (self.cursor is None or self.cursor == stored_cursor)
+        return not self.items and (self.cursor is None or self.cursor == stored_cursor)
 
     def clear(self) -> None:
-        self.events.clear()
-        self.dead.clear()
+        self.items = []
         self.cursor = None
 
 
-async def _commit(
-    pool: AsyncConnectionPool[Connection],
-    delete_mode: DeleteMode,
-    stream: str,
-    batch: _Batch,
-    report: CatchUpReport,
-) -> None:
-    """Applies a batch, then stores the cursor: a crash in between only replays events, never skips one."""
-    dead = list(batch.dead)
-    outcomes: Counter[str] = Counter()
-    if batch.events:
-        results = await apply_isolating(pool, [event for event, _ in batch.events], delete_mode)
-        for (_, body), result in zip(batch.events, results, strict=True):
-            if isinstance(result, Unstorable):
-                dead.append((body, result.error))
-            else:
-                outcomes[str(result)] += 1
-    async with pool.connection() as conn:
-        for body, error in dead:
-            await record_dead_letter(conn, DEAD_LETTER_ROUTE, body, {}, error)
-            outcomes["dead_lettered"] += 1
-        if batch.cursor is not None and batch.cursor != report.cursor:
+async def _commit(pool: Pool, pipeline: Pipeline, stream: str, batch: _Batch, report: CatchUpReport) -> None:
+    """Commits a batch, then stores the cursor: a crash in between only replays events, never skips one."""
+    if batch.items:
+        [results] = await pipeline.commit([Delivery(DEAD_LETTER_ROUTE, batch.items)])
+        report.outcomes.update(result.outcome.value for result in results)
+        report.received += len(results)
+    if batch.cursor is not None and batch.cursor != report.cursor:
+        async with store.connection(pool) as conn:
             await save_cursor(conn, stream, batch.cursor)
-            report.cursor = batch.cursor
-    report.received += len(batch.events) + len(batch.dead)
-    report.outcomes.update(outcomes)
+        report.cursor = batch.cursor
 
 
 async def _read_events(
