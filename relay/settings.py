@@ -73,7 +73,7 @@ class Settings:
     """Where the embedded PostgreSQL and the generated development credentials live."""
     log_level: str = "INFO"
     """Python logging level name."""
-    workers: int = 1
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Processes serving HTTP on one socket, each with its own pool and group committer."""
     allowed_tenants: frozenset[str] = frozenset()
     """Tenants (`a0tenant`) whose events are accepted; empty accepts any."""

@@ -84,6 +84,7 @@ def relay_environment(conninfo: str, schema: str, **overrides: str) -> dict[str,
             "RELAY_WEBHOOK_BASIC": WEBHOOK_BASIC,
             "RELAY_WEBHOOK_HEADER": f"{WEBHOOK_HEADER[0]}:{WEBHOOK_HEADER[1]}",
             "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_WORKERS": "1",
         }
     )
     env.update(overrides)
