@@ -7,6 +7,7 @@ UV := .tools/bin/uv
 VENV := .venv
 SYNCED := $(VENV)/.synced
 NODE_TOOLS := action/node_modules/.installed
+GUIDE_TOOLS := bench/guide/node_modules/.installed
 
 .PHONY: run test lint typecheck test-python test-action migrate sample deploy-action bench clean
 
@@ -37,8 +38,9 @@ sample: $(SYNCED)
 deploy-action: $(SYNCED)
 	$(VENV)/bin/relay deploy-action $(ARGS)
 
-# Throughput side by side: ceiling, one transaction per event, group commit. Installs wrk when missing.
-bench: $(SYNCED)
+# The relay as `make run` serves it, side by side with a guide-style handler, a bare Litestar app and one
+# transaction per event, and its backfill against the COPY limit; ratios first. Installs wrk when missing.
+bench: $(SYNCED) $(GUIDE_TOOLS)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(VENV)/bin/python bench/run.py $(ARGS)
 
@@ -54,5 +56,9 @@ $(NODE_TOOLS): action/package.json action/package-lock.json
 	cd action && npm ci --no-audit --no-fund
 	@touch $@
 
+$(GUIDE_TOOLS): bench/guide/package.json bench/guide/package-lock.json
+	cd bench/guide && npm ci --no-audit --no-fund
+	@touch $@
+
 clean:
-	rm -rf .tools $(VENV) action/node_modules
+	rm -rf .tools $(VENV) action/node_modules bench/guide/node_modules

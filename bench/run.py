@@ -1,34 +1,42 @@
-"""`make bench`: the relay's throughput, measured side by side in one run on this machine.
+"""`make bench`: the relay as `make run` serves it, measured side by side with its peers, in one run.
 
-Three runs, each against a fresh schema and the real server process, loaded by wrk with pre-signed, distinct
-events on 64 connections:
-  1. ceiling: the same server, authentication and decoding, acknowledging without touching PostgreSQL;
-  2. one transaction per event (RELAY_BATCH_MAX_EVENTS=1);
-  3. group commit (the defaults);
-then a longer group-commit run that samples the relay's memory. After every run with a database, each event
-wrk saw acknowledged is looked up in `processed_events`: the count missing is printed, and must be 0.
+Machines of this kind differ 2-3x in speed from one day to the next, so only ratios measured in the same run
+mean anything. Each round runs every server in turn against the same PostgreSQL, each on a fresh schema,
+loaded by wrk with the same distinct ~800-byte `user.created` events on 64 connections; the figure is the
+median ratio over the rounds. The servers:
+
+  relay                        `relay serve --migrate` with every setting at its default (INFO logs,
+                               RELAY_WORKERS = the CPU count), on /events/webhook with a bearer token
+  relay, one tx per event      the same with RELAY_BATCH_MAX_EVENTS=1
+  guide-style handler          bench/guide: Express + node-postgres, one guarded upsert per event, no ledger
+  bare Litestar (N processes)  bench/bare_litestar.py: bearer check and msgspec decode, no database, under
+                               uvicorn with as many worker processes as the relay
+  bare Litestar (1 process)    the same app in one process
+
+After every relay run, each event wrk saw acknowledged is looked up in `processed_events`: the count missing
+is printed, and must be 0. A longer relay run samples the memory of all its processes. Then the backfill of
+a generated export (`relay backfill --file`, end to end) is timed against the COPY limit of the same server:
+`gunzip | psql COPY` of the same lines into a jsonb staging table plus one INSERT … SELECT into a plain table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import gzip
-import hashlib
-import hmac
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -38,231 +46,273 @@ from relay.migrations import migrate
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-SECRET_KEY = b"benchmark-signing-key-0123456789abcdef"
-SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()
-# Events generated per second of load: above what each kind of run reaches here, so wrk never wraps around
-# (the summary says so if it ever does).
-EVENTS_PER_SECOND_BUDGET = {"ceiling": 16_000, "relay": 8_000}
+TOKEN = "bench-token-0123456789abcdef"  # noqa: S105  (a load test on loopback)
+WORKERS = os.cpu_count() or 1
+
+RELAY = "relay"
+ONE_TX = "relay, one tx per event"
+GUIDE = "guide-style handler"
+BARE_N = f"bare Litestar ({WORKERS} processes)"
+BARE_1 = "bare Litestar (1 process)"
+SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX)
 
 
 @dataclass
-class RunResult:
-    name: str
-    events_per_second: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    max_ms: float = 0.0
-    peak_rss_mib: float = 0.0
-    refused: int = 0
-    socket_errors: int = 0
-    wrapped: int = 0
-    acknowledged: int = 0
+class Run:
+    server: str
+    round: int
+    events_per_second: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    refused: int
+    socket_errors: int
+    acknowledged: int
     lost: int | None = None
-    rss_samples_mib: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=20, help="length of each comparison run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is the figure)")
+    parser.add_argument("--seconds", type=int, default=15, help="length of each run")
     parser.add_argument("--soak-seconds", type=int, default=60, help="length of the memory run (0 skips it)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument(
-        "--backfill-users", type=int, default=1_000_000, help="size of the generated export (0 skips it)"
-    )
+    parser.add_argument("--backfill-users", type=int, default=300_000, help="export size (0 skips backfill)")
     args = parser.parse_args()
 
-    if shutil.which("wrk") is None:
-        print("bench: wrk is not installed (make bench installs it with apt-get)", file=sys.stderr)
-        return 2
-    conninfo, where = database()
+    for tool in ("wrk", "node"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (make bench installs wrk with apt-get)", file=sys.stderr)
+            return 2
+    conninfo, where, psql = database()
     print(f"machine: {os.cpu_count()} cores, {memory_gib():.0f} GiB; PostgreSQL: {where}")
-    print(f"load: wrk, {args.threads} threads, {args.connections} connections, {args.seconds} s per run\n")
+    print(
+        f"load: wrk, {args.threads} threads, {args.connections} connections, {args.seconds} s per run, "
+        f"{args.rounds} rounds\n",
+        flush=True,
+    )
+    drop_bench_schemas(conninfo)
 
-    runs = [
-        ("ceiling (no database)", "ceiling", {}, args.seconds),
-        ("one transaction per event", "relay", {"RELAY_BATCH_MAX_EVENTS": "1"}, args.seconds),
-        ("group commit", "relay", {}, args.seconds),
-    ]
+    runs: list[Run] = []
+    for round_number in range(1, args.rounds + 1):
+        # The order turns each round, so no server always runs first, or right after the slowest.
+        order = SERVERS[round_number - 1 :] + SERVERS[: round_number - 1]
+        for server in order:
+            print(f"round {round_number}: {server} ...", flush=True)
+            runs.append(run_server(server, round_number, args.seconds, conninfo, args))
+    soak = None
     if args.soak_seconds:
-        runs.append(("group commit, memory run", "relay", {}, args.soak_seconds))
-    drop_earlier_runs(conninfo)
-    results = []
-    for name, server, overrides, seconds in runs:
-        print(f"running: {name} ...", flush=True)
-        results.append(run(name, server, overrides, seconds, conninfo, args))
-
-    print_report(results)
+        print(f"memory run: {RELAY}, {args.soak_seconds} s ...", flush=True)
+        soak = run_server(RELAY, 0, args.soak_seconds, conninfo, args, sample_memory=True)
+    backfills: list[tuple[float, float]] = []
     if args.backfill_users:
-        print(f"\nrunning: backfill of a generated {args.backfill_users:,}-user export ...", flush=True)
-        print_backfill(backfill(conninfo, args.backfill_users))
-    return 0 if all(result.lost in (0, None) for result in results) else 1
-
-
-def database() -> tuple[str, str]:
-    if os.environ.get("DATABASE_URL"):
-        url = os.environ["DATABASE_URL"]
-        with psycopg.connect(url) as conn:
-            return url, f"DATABASE_URL ({conn.info.server_version})"
-    from relay.embedded import start_embedded
-
-    server = start_embedded(REPO / ".data" / "bench")
-    with psycopg.connect(server.conninfo) as conn:
-        return server.conninfo, f"embedded ({conn.info.server_version})"
-
-
-def memory_gib() -> float:
-    with open("/proc/meminfo") as meminfo:
-        return int(meminfo.readline().split()[1]) / 1024 / 1024
-
-
-def fresh_schema(conninfo: str, schema: str) -> None:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-    asyncio.run(migrate(conninfo, schema))
-
-
-def drop_earlier_runs(conninfo: str) -> None:
-    """Earlier runs' tables would keep autovacuum busy on the cores this run measures."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        found = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%%'").fetchall()
-        for (schema,) in found:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.execute("CHECKPOINT")
-
-
-def write_events(prefix: Path, count: int, threads: int, run_tag: str) -> None:
-    """Signed, distinct `user.created` events, split across one file per wrk thread."""
-    now = int(time.time())
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now))
-    files = [open(f"{prefix}.{thread}.events", "w") for thread in range(threads)]  # noqa: SIM115
-    try:
-        for number in range(count):
-            event_id = f"evt_{run_tag}{number:016d}"
-            user = f"{run_tag}{number:012d}"
-            body = json.dumps(
-                {
-                    "specversion": "1.0",
-                    "type": "user.created",
-                    "source": "urn:auth0:bench.us.auth0.com",
-                    "id": event_id,
-                    "time": stamp,
-                    "data": {
-                        "object": {
-                            "user_id": f"auth0|{user}",
-                            "email": f"user{number}@example.com",
-                            "email_verified": False,
-                            "name": f"Bench User {number}",
-                            "nickname": f"user{number}",
-                            "identities": [
-                                {
-                                    "connection": "Username-Password-Authentication",
-                                    "provider": "auth0",
-                                    "isSocial": False,
-                                    "user_id": user,
-                                }
-                            ],
-                            "app_metadata": {"plan": "free"},
-                            "user_metadata": {},
-                            "created_at": stamp,
-                            "updated_at": stamp,
-                        }
-                    },
-                    "a0tenant": "bench",
-                    "a0stream": "est_" + "0" * 22,
-                },
-                separators=(",", ":"),
+        export = export_file(args.backfill_users)
+        for round_number in range(1, args.rounds + 1):
+            print(
+                f"round {round_number}: backfill of {args.backfill_users:,} users and the COPY limit ...",
+                flush=True,
             )
-            signed = f"{event_id}.{now}.{body}".encode()
-            signature = base64.b64encode(hmac.new(SECRET_KEY, signed, hashlib.sha256).digest()).decode()
-            files[number % threads].write(f"{event_id}\t{now}\tv1,{signature}\t{body}\n")
-    finally:
-        for file in files:
-            file.close()
+            copy_rate = copy_limit(conninfo, psql, export, args.backfill_users)
+            relay_rate = relay_backfill(conninfo, export, args.backfill_users)
+            backfills.append((relay_rate, copy_rate))
+
+    report(runs, soak, backfills, args)
+    lost = [run.lost for run in runs + ([soak] if soak else []) if run.lost]
+    return 1 if lost else 0
 
 
-def run(
-    name: str, server: str, overrides: dict[str, str], seconds: int, conninfo: str, args: Any
-) -> RunResult:
-    result = RunResult(name)
-    schema = "bench_" + ("ceiling" if server == "ceiling" else f"run{int(time.time() * 1000) % 10**9}")
-    fresh_schema(conninfo, schema)
+# ---------------------------------------------------------------------------------------------------------
+# Servers
+
+
+def run_server(
+    server: str,
+    round_number: int,
+    seconds: int,
+    conninfo: str,
+    args: argparse.Namespace,
+    sample_memory: bool = False,
+) -> Run:
+    schema = f"bench_{round_number}_{SERVERS.index(server)}"
+    fresh_schema(conninfo, schema, relay=server in (RELAY, ONE_TX))
+    port = free_port()
+    command, env = server_command(server, conninfo, schema, port)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
-        prefix = Path(scratch) / "load"
-        write_events(prefix, seconds * EVENTS_PER_SECOND_BUDGET[server], args.threads, schema[-6:])
-        port = free_port()
-        env = {
-            **{key: value for key, value in os.environ.items() if not key.startswith("RELAY_")},
-            "DATABASE_URL": conninfo,
-            "RELAY_DB_SCHEMA": schema,
-            "RELAY_SIGNING_SECRETS": SECRET,
-            "RELAY_PORT": str(port),
-            "RELAY_LOG_LEVEL": "WARNING",
-            **overrides,
-        }
-        command = (
-            [sys.executable, str(BENCH_DIR / "ceiling_server.py")]
-            if server == "ceiling"
-            else [sys.executable, "-m", "relay.cli", "serve"]
-        )
-        process = subprocess.Popen(command, env=env, cwd=REPO)
+        log_path = Path(scratch) / "server.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_until_serving(port, process)
-            sampler = RssSampler(process.pid)
-            sampler.start()
-            load = subprocess.run(
-                [
-                    "wrk",
-                    f"-t{args.threads}",
-                    f"-c{args.connections}",
-                    f"-d{seconds}s",
-                    "--timeout",
-                    "10s",
-                    "-s",
-                    str(BENCH_DIR / "post_events.lua"),
-                    f"http://127.0.0.1:{port}",
-                    "--",
-                    str(prefix),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            sampler.stop()
+            wait_until_serving(port, process, log_path)
+            sampler = MemorySampler(process.pid) if sample_memory else None
+            if sampler:
+                sampler.start()
+            acked_prefix = Path(scratch) / "load" if server in (RELAY, ONE_TX) else None
+            summary = load(port, seconds, args, f"r{round_number}s{SERVERS.index(server)}", acked_prefix)
+            if sampler:
+                sampler.stop()
         finally:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
-        summary = json.loads(load.stdout.strip().splitlines()[-1])
-        acked = [
-            line.strip()
-            for thread in range(args.threads)
-            for line in Path(f"{prefix}.{thread}.acked").read_text().splitlines()
-            if line.strip()
-        ]
-    result.events_per_second = summary["requests"] / summary["seconds"]
-    result.p50_ms, result.p99_ms, result.max_ms = summary["p50_ms"], summary["p99_ms"], summary["max_ms"]
-    result.refused, result.socket_errors, result.wrapped = (
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        acked = read_acknowledged(acked_prefix, args.threads) if acked_prefix else []
+    result = Run(
+        server,
+        round_number,
+        (summary["requests"] - summary["refused"]) / summary["seconds"],
+        summary["p50_ms"],
+        summary["p99_ms"],
+        summary["max_ms"],
         summary["refused"],
         summary["socket_errors"],
-        summary["wrapped"],
+        summary["requests"] - summary["refused"],
     )
-    result.acknowledged = len(acked)
-    result.peak_rss_mib = max(sampler.samples, default=0.0)
-    result.rss_samples_mib = sampler.samples
-    if server != "ceiling":
+    if acked_prefix:
         result.lost = count_missing(conninfo, schema, acked)
+    if sample_memory and sampler:
+        result.rss_mib = sampler.samples
+    drop_schema(conninfo, schema)
     return result
 
 
-@dataclass
-class BackfillResult:
-    users: int
-    seconds: float
-    peak_rss_mib: float
-    rss_samples_mib: list[float]
-    stored: int
+def server_command(server: str, conninfo: str, schema: str, port: int) -> tuple[list[str], dict[str, str]]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
+    if server in (RELAY, ONE_TX):
+        env = {
+            **base,
+            "DATABASE_URL": conninfo,
+            "RELAY_DB_SCHEMA": schema,
+            "RELAY_WEBHOOK_TOKENS": TOKEN,
+            "RELAY_PORT": str(port),
+        }
+        if server == ONE_TX:
+            env["RELAY_BATCH_MAX_EVENTS"] = "1"
+        return [sys.executable, "-m", "relay.cli", "serve", "--migrate"], env
+    if server == GUIDE:
+        env = {
+            **base,
+            "DATABASE_URL": conninfo,
+            "GUIDE_SCHEMA": schema,
+            "GUIDE_TOKEN": TOKEN,
+            "PORT": str(port),
+        }
+        return ["node", str(BENCH_DIR / "guide" / "server.js")], env
+    workers = WORKERS if server == BARE_N else 1
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.bare_litestar:app",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--workers={workers}",
+        "--loop=uvloop",
+        "--http=httptools",
+        "--no-access-log",
+        "--log-level=warning",
+    ], {**base, "BENCH_TOKEN": TOKEN}
+
+
+def load(
+    port: int, seconds: int, args: argparse.Namespace, tag: str, acked_prefix: Path | None
+) -> dict[str, float]:
+    completed = subprocess.run(
+        [
+            "wrk",
+            f"-t{args.threads}",
+            f"-c{args.connections}",
+            f"-d{seconds}s",
+            "--timeout=10s",
+            "-s",
+            str(BENCH_DIR / "post_events.lua"),
+            f"http://127.0.0.1:{port}",
+            "--",
+            tag,
+            TOKEN,
+            str(acked_prefix) if acked_prefix else "-",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary: dict[str, float] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return summary
+
+
+def wait_until_serving(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                time.sleep(1)  # worker processes start one after the other
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not start within 60 s:\n{log_path.read_text()[-3000:]}")
+
+
+def read_acknowledged(prefix: Path, threads: int) -> list[str]:
+    return [
+        line.strip()
+        for thread in range(threads)
+        for line in Path(f"{prefix}.{thread}.acked").read_text().splitlines()
+        if line.strip()
+    ]
+
+
+class MemorySampler(threading.Thread):
+    """The resident memory of a process and all its descendants, once a second."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[float] = []
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(1.0):
+            self.samples.append(sum(rss_kib(pid) for pid in process_tree(self.pid)) / 1024)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+
+def process_tree(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            pending += [
+                int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            ]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backfill and the COPY limit
 
 
 def export_file(users: int) -> Path:
@@ -270,88 +320,140 @@ def export_file(users: int) -> Path:
     path = REPO / ".data" / "bench" / f"export-{users}.json.gz"
     if path.exists():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     with gzip.open(partial, "wt", compresslevel=1) as export:
         for number in range(users):
             local = f"{number:024x}"
-            export.write(
-                json.dumps(
+            row = {
+                "user_id": f"auth0|{local}",
+                "email": f"user{number}@example.com",
+                "email_verified": number % 2 == 0,
+                "name": f"User {number}",
+                "nickname": f"user{number}",
+                "picture": "https://s.gravatar.com/avatar/0?s=480&r=pg&d=mp",
+                "identities": [
                     {
-                        "user_id": f"auth0|{local}",
-                        "email": f"user{number}@example.com",
-                        "email_verified": number % 2 == 0,
-                        "name": f"User {number}",
-                        "nickname": f"user{number}",
-                        "picture": "https://s.gravatar.com/avatar/0?s=480&r=pg&d=mp",
-                        "identities": [
-                            {
-                                "connection": "Username-Password-Authentication",
-                                "provider": "auth0",
-                                "isSocial": False,
-                                "user_id": local,
-                            }
-                        ],
-                        "app_metadata": {"plan": "pro" if number % 3 else "free"},
-                        "user_metadata": {},
-                        "created_at": "2024-01-01T00:00:00.000Z",
-                        "updated_at": "2024-06-01T00:00:00.000Z",
-                        "last_login": "2024-06-01T00:00:00.000Z",
-                        "logins_count": number % 50,
-                        "blocked": False,
-                    },
-                    separators=(",", ":"),
-                )
-                + "\n"
-            )
+                        "connection": "Username-Password-Authentication",
+                        "provider": "auth0",
+                        "isSocial": False,
+                        "user_id": local,
+                    }
+                ],
+                "app_metadata": {"plan": "pro" if number % 3 else "free"},
+                "user_metadata": {},
+                "created_at": "2024-01-01T00:00:00.000Z",
+                "updated_at": "2024-06-01T00:00:00.000Z",
+                "last_login": "2024-06-01T00:00:00.000Z",
+                "logins_count": number % 50,
+                "blocked": False,
+            }
+            export.write(json.dumps(row, separators=(",", ":")) + "\n")
     partial.rename(path)
     return path
 
 
-def backfill(conninfo: str, users: int) -> BackfillResult:
-    """`relay backfill --file` as an operator runs it, timed end to end (gunzip, decode, COPY, merge)."""
-    path = export_file(users)
+def copy_limit(conninfo: str, psql: str, export: Path, users: int) -> float:
+    """Users per second for `gunzip | psql COPY` into jsonb plus one INSERT … SELECT into a plain table."""
+    schema = "bench_copy_limit"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}").format(sql.Identifier(schema))
+        )
+        conn.execute(sql.SQL("CREATE TABLE {}.staging (line jsonb)").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {}.plain (user_id text PRIMARY KEY, profile jsonb NOT NULL)").format(
+                sql.Identifier(schema)
+            )
+        )
+    copy = f"\\copy {schema}.staging (line) FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')"
+    insert = f"INSERT INTO {schema}.plain SELECT line ->> 'user_id', line FROM {schema}.staging"
+    started = time.perf_counter()
+    subprocess.run(
+        f"gunzip -c '{export}' | '{psql}' '{conninfo}' -q -v ON_ERROR_STOP=1 -c \"{copy}\" && "
+        f"'{psql}' '{conninfo}' -q -v ON_ERROR_STOP=1 -c \"{insert}\"",
+        shell=True,
+        check=True,
+    )
+    seconds = time.perf_counter() - started
+    drop_schema(conninfo, schema)
+    return users / seconds
+
+
+def relay_backfill(conninfo: str, export: Path, users: int) -> float:
+    """Users per second for `relay backfill --file`, as an operator runs it, end to end."""
     schema = "bench_backfill"
-    fresh_schema(conninfo, schema)
+    fresh_schema(conninfo, schema, relay=True)
     env = {
         **{key: value for key, value in os.environ.items() if not key.startswith("RELAY_")},
         "DATABASE_URL": conninfo,
         "RELAY_DB_SCHEMA": schema,
-        "RELAY_LOG_LEVEL": "WARNING",
     }
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "backfill", "--file", str(path)],
+    completed = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "backfill", "--file", str(export)],
         env=env,
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
     )
-    sampler = RssSampler(process.pid)
-    sampler.start()
-    _, errors = process.communicate()
     seconds = time.perf_counter() - started
-    sampler.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"relay backfill failed: {errors.decode()[-2000:]}")
+    if completed.returncode != 0:
+        raise RuntimeError(f"relay backfill failed: {completed.stderr[-2000:]}")
     with psycopg.connect(conninfo, options=f"-c search_path={schema}") as conn:
         row = conn.execute("SELECT count(*) FROM users").fetchone()
-    return BackfillResult(
-        users, seconds, max(sampler.samples, default=0.0), sampler.samples, int(row[0]) if row else 0
-    )
+    if not row or row[0] != users:
+        raise RuntimeError(f"relay backfill stored {row[0] if row else 0} users of {users}")
+    drop_schema(conninfo, schema)
+    return users / seconds
 
 
-def print_backfill(result: BackfillResult) -> None:
-    print(
-        f"backfill: {result.users:,} users in {result.seconds:.1f} s = "
-        f"{result.users / result.seconds:,.0f} users/s (target >= 20,000); {result.stored:,} rows stored; "
-        f"peak RSS {result.peak_rss_mib:.1f} MiB"
-    )
-    samples = result.rss_samples_mib
-    if len(samples) >= 4:
-        print(
-            f"backfill memory: {samples[len(samples) // 4]:.1f} MiB at a quarter of the run, "
-            f"{samples[-1]:.1f} MiB at the end"
-        )
+# ---------------------------------------------------------------------------------------------------------
+# The database
+
+
+def database() -> tuple[str, str, str]:
+    """The conninfo to measure against, what it is, and a psql client for it."""
+    from relay.embedded import start_embedded
+
+    server = start_embedded(REPO / ".data" / "bench")  # also the psql client, from the same wheel
+    url = os.environ.get("DATABASE_URL") or server.conninfo
+    with psycopg.connect(url) as conn:
+        version = conn.info.server_version
+    where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded"
+    return url, f"{where} ({version // 10000}.{version % 10000})", str(server.psql)
+
+
+def memory_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) / 1024 / 1024
+
+
+def fresh_schema(conninfo: str, schema: str, *, relay: bool) -> None:
+    drop_schema(conninfo, schema)
+    if relay:
+        asyncio.run(migrate(conninfo, schema))
+        return
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute((BENCH_DIR / "guide" / "schema.sql").read_text())
+
+
+def drop_schema(conninfo: str, schema: str) -> None:
+    """A run's tables go once it is measured, with a checkpoint: left behind, they would keep autovacuum and
+    the checkpointer busy on the cores the next run measures."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        conn.execute("CHECKPOINT")
+
+
+def drop_bench_schemas(conninfo: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        found = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%%'").fetchall()
+        for (schema,) in found:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        conn.execute("CHECKPOINT")
 
 
 def count_missing(conninfo: str, schema: str, acknowledged: list[str]) -> int:
@@ -372,72 +474,67 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start within 30 s")
+# ---------------------------------------------------------------------------------------------------------
+# The report: ratios first
 
 
-class RssSampler(threading.Thread):
-    """The server's resident memory, once a second."""
+def report(
+    runs: list[Run], soak: Run | None, backfills: list[tuple[float, float]], args: argparse.Namespace
+) -> None:
+    by_round: dict[int, dict[str, Run]] = {}
+    for run in runs:
+        by_round.setdefault(run.round, {})[run.server] = run
 
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.samples: list[float] = []
-        self._stopped = threading.Event()
+    def median_ratio(numerator: str, denominator: str) -> tuple[float, list[float]]:
+        ratios = [
+            servers[numerator].events_per_second / servers[denominator].events_per_second
+            for servers in by_round.values()
+            if servers[denominator].events_per_second
+        ]
+        return statistics.median(ratios), ratios
 
-    def run(self) -> None:
-        while not self._stopped.wait(1.0):
-            try:
-                with open(f"/proc/{self.pid}/status") as status:
-                    for line in status:
-                        if line.startswith("VmRSS:"):
-                            self.samples.append(int(line.split()[1]) / 1024)
-            except FileNotFoundError:
-                return
+    def median_of(server: str, value: Callable[[Run], float]) -> float:
+        return statistics.median(value(servers[server]) for servers in by_round.values())
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join()
-
-
-def print_report(results: list[RunResult]) -> None:
-    print()
-    header = (
-        f"{'run':<28}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'peak MiB':>10}{'acked':>9}{'lost':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        lost = "n/a" if r.lost is None else str(r.lost)
+    print("\nRatios (median of the rounds; each round's ratio in brackets):")
+    rows = [
+        (f"relay / {GUIDE}", *median_ratio(RELAY, GUIDE), ">= 1.5"),
+        (f"relay / {BARE_N}", *median_ratio(RELAY, BARE_N), ">= 0.8"),
+        (f"relay / {BARE_1}", *median_ratio(RELAY, BARE_1), ""),
+        (f"relay / {ONE_TX}", *median_ratio(RELAY, ONE_TX), ""),
+    ]
+    if backfills:
+        ratios = [relay / copy for relay, copy in backfills]
+        rows.append(("backfill / COPY limit", statistics.median(ratios), ratios, ">= 0.5"))
+    for name, ratio, each, target in rows:
+        shown = ", ".join(f"{value:.2f}" for value in each)
+        print(f"  {name:<44} {ratio:5.2f}  [{shown}]  {('target ' + target) if target else ''}")
+    lost = sum(run.lost or 0 for run in runs + ([soak] if soak else []))
+    p99 = median_of(RELAY, lambda r: r.p99_ms)
+    print(f"  {f'relay p99 latency, {args.connections} connections':<44} {p99:5.1f} ms  target <= 50")
+    print(f"  {'acknowledged events lost':<44} {lost:5d}     target 0")
+    if soak and len(soak.rss_mib) >= 8:
+        quarter, end = soak.rss_mib[len(soak.rss_mib) // 4], soak.rss_mib[-1]
+        label = f"relay memory over {len(soak.rss_mib)} s, all processes"
         print(
-            f"{r.name:<28}{r.events_per_second:>10.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.max_ms:>9.1f}"
-            f"{r.peak_rss_mib:>10.1f}{r.acknowledged:>9}{lost:>6}"
+            f"  {label:<44} {quarter:.1f} MiB at a quarter, {end:.1f} MiB at the end ({end - quarter:+.1f} MiB)"
         )
-        if r.refused or r.socket_errors or r.wrapped:
-            print(f"{'':<28}refused {r.refused}, socket errors {r.socket_errors}, wrapped around {r.wrapped}")
-    by_name = {r.name: r for r in results}
-    ceiling = by_name["ceiling (no database)"].events_per_second
-    single = by_name["one transaction per event"].events_per_second
-    group = by_name["group commit"].events_per_second
-    print()
-    print(f"group commit / ceiling:                    {group / ceiling:.2f}  (target >= 0.60)")
-    print(f"group commit / one transaction per event:  {group / single:.2f}  (target >= 2.5)")
-    soak = by_name.get("group commit, memory run")
-    if soak and len(soak.rss_samples_mib) >= 4:
-        quarter = soak.rss_samples_mib[len(soak.rss_samples_mib) // 4]
+
+    print("\nThis machine, this run (absolute figures compare with nothing measured on another day):")
+    print(
+        f"  {'server':<34}{'round':>6}{'events/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
+        f"{'refused':>9}{'lost':>6}"
+    )
+    for run in sorted(runs + ([soak] if soak else []), key=lambda r: (SERVERS.index(r.server), r.round)):
+        lost_text = "-" if run.lost is None else str(run.lost)
+        label = "memory" if run.round == 0 else str(run.round)
         print(
-            f"memory run: RSS {quarter:.1f} MiB at a quarter of the run, "
-            f"{soak.rss_samples_mib[-1]:.1f} MiB at the end ({soak.rss_samples_mib[-1] - quarter:+.1f} MiB)"
+            f"  {run.server:<34}{label:>6}{run.events_per_second:>10.0f}{run.p50_ms:>8.1f}{run.p99_ms:>8.1f}"
+            f"{run.max_ms:>8.1f}{run.refused:>9}{lost_text:>6}"
+        )
+    for number, (relay, copy) in enumerate(backfills, start=1):
+        print(
+            f"  backfill round {number}: relay backfill {relay:,.0f} users/s, COPY limit {copy:,.0f} users/s"
         )
 
 
