@@ -369,12 +369,11 @@ def copy_limit(conninfo: str, psql: str, export: Path, users: int) -> float:
     copy = f"\\copy {schema}.staging (line) FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')"
     insert = f"INSERT INTO {schema}.plain SELECT line ->> 'user_id', line FROM {schema}.staging"
     started = time.perf_counter()
-    subprocess.run(
-        f"gunzip -c '{export}' | '{psql}' '{conninfo}' -q -v ON_ERROR_STOP=1 -c \"{copy}\" && "
-        f"'{psql}' '{conninfo}' -q -v ON_ERROR_STOP=1 -c \"{insert}\"",
-        shell=True,
-        check=True,
-    )
+    with subprocess.Popen(["gunzip", "-c", str(export)], stdout=subprocess.PIPE) as gunzip:
+        subprocess.run(
+            [psql, conninfo, "-q", "-v", "ON_ERROR_STOP=1", "-c", copy], stdin=gunzip.stdout, check=True
+        )
+    subprocess.run([psql, conninfo, "-q", "-v", "ON_ERROR_STOP=1", "-c", insert], check=True)
     seconds = time.perf_counter() - started
     drop_schema(conninfo, schema)
     return users / seconds
@@ -516,9 +515,8 @@ def report(
     if soak and len(soak.rss_mib) >= 8:
         quarter, end = soak.rss_mib[len(soak.rss_mib) // 4], soak.rss_mib[-1]
         label = f"relay memory over {len(soak.rss_mib)} s, all processes"
-        print(
-            f"  {label:<44} {quarter:.1f} MiB at a quarter, {end:.1f} MiB at the end ({end - quarter:+.1f} MiB)"
-        )
+        growth = f"{quarter:.1f} MiB at a quarter, {end:.1f} MiB at the end ({end - quarter:+.1f} MiB)"
+        print(f"  {label:<44} {growth}")
 
     print("\nThis machine, this run (absolute figures compare with nothing measured on another day):")
     print(
