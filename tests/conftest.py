@@ -1,26 +1,22 @@
 """Real PostgreSQL for every integration test: the embedded server always, and the server named by
 TEST_DATABASE_URL as well when it is set (CI sets it to the machine's PostgreSQL 15), so both versions run.
-Each test gets a fresh, migrated schema of its own."""
+Each test gets a fresh, migrated schema of its own; modules that share one relay process share one schema,
+emptied before each test."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
 
-import psycopg
+import httpx
 import pytest
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
 from relay.embedded import start_embedded
-from relay.migrations import migrate
-from relay.settings import Settings
-from relay.store import Connection, create_pool
-from tests.support import AUTH0_ENVIRONMENT
+from relay.pipeline import Pipeline
+from relay.store import Pool, create_pool
+from tests.support.auth0 import AUTH0_ENVIRONMENT
+from tests.support.database import Database, migrated_schema
+from tests.support.http import RelayProcess, relay_environment, running_relay
 
 BACKENDS = ["embedded"] + (["service"] if os.environ.get("TEST_DATABASE_URL") else [])
 
@@ -35,55 +31,42 @@ def database_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     return server.conninfo
 
 
-@dataclass(frozen=True)
-class TestDatabase:
-    conninfo: str
-    schema: str
-
-    @property
-    def settings(self) -> Settings:
-        return Settings(database_url=self.conninfo, db_schema=self.schema)
-
-    def with_settings(self, **changes: Any) -> Settings:
-        return replace(self.settings, **changes)
-
-    def empty_tables(self) -> TestDatabase:
-        """Back to no rows, for tests that share one schema (and one relay process) per module."""
-        self.query("TRUNCATE users, processed_events, dead_letters RESTART IDENTITY")
-        return self
-
-    def query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """Runs one statement in the test's schema and returns its rows."""
-        with psycopg.connect(self.conninfo, autocommit=True, options=f"-c search_path={self.schema}") as conn:
-            cursor = conn.execute(statement, params)  # type: ignore[arg-type]
-            return cursor.fetchall() if cursor.description else []
-
-
 @pytest.fixture
-def database(database_server: str) -> Iterator[TestDatabase]:
+def database(database_server: str) -> Iterator[Database]:
     """A freshly migrated schema of its own for one test, dropped afterwards."""
-    schema = "test_" + secrets.token_hex(6)
-    asyncio.run(migrate(database_server, schema))
-    yield TestDatabase(database_server, schema)
-    with psycopg.connect(database_server, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with migrated_schema(database_server) as migrated:
+        yield migrated
+
+
+@pytest.fixture(scope="module")
+def shared_database(database_server: str) -> Iterator[Database]:
+    """One migrated schema for a whole module (and its relay process)."""
+    with migrated_schema(database_server, prefix="test_module_") as migrated:
+        yield migrated
 
 
 @pytest.fixture
-def clean_database(shared_database: TestDatabase) -> TestDatabase:
-    """For modules that define a module-scoped `shared_database`: its tables, emptied for this test."""
+def clean_database(shared_database: Database) -> Database:
+    """The module's schema, emptied for this test."""
     return shared_database.empty_tables()
 
 
+@pytest.fixture(scope="module")
+def relay(shared_database: Database) -> Iterator[RelayProcess]:
+    """One `relay serve` process for a module, on the module's schema (a module may override it)."""
+    with running_relay(relay_environment(shared_database.conninfo, shared_database.schema)) as process:
+        yield process
+
+
 @pytest.fixture
-def client(relay: Any, clean_database: TestDatabase) -> Iterator[Any]:
-    """For modules that define a module-scoped `relay` process: an HTTP client to it, on empty tables."""
+def client(relay: RelayProcess, clean_database: Database) -> Iterator[httpx.Client]:
+    """An HTTP client to the module's relay process, on empty tables."""
     with relay.client() as opened:
         yield opened
 
 
 @pytest.fixture
-def relay_env(monkeypatch: pytest.MonkeyPatch, database: TestDatabase) -> TestDatabase:
+def relay_env(monkeypatch: pytest.MonkeyPatch, database: Database) -> Database:
     """The environment the operator commands read: the test's schema, and Auth0 credentials for respx."""
     monkeypatch.setenv("DATABASE_URL", database.conninfo)
     monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
@@ -99,14 +82,21 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def pool(database: TestDatabase) -> AsyncIterator[AsyncConnectionPool[Connection]]:
+async def pool(database: Database) -> AsyncIterator[Pool]:
+    """The relay's own pool on the test's schema."""
     opened = create_pool(database.conninfo, database.settings)
     await opened.open(wait=True)
     yield opened
     await opened.close()
 
 
+@pytest.fixture
+def pipeline(pool: Pool, database: Database) -> Pipeline:
+    """The relay's pipeline on the test's schema, for `commit()` (no group committer running)."""
+    return Pipeline(pool, database.settings)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "database" in getattr(item, "fixturenames", ()):
+        if "database_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
