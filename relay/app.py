@@ -41,7 +41,7 @@ from relay.observability import (
     watch_pool,
     watch_queue,
 )
-from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline, diagnostic_headers
+from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline
 from relay.settings import Settings
 from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
 from relay.store import NotMigrated, Pool, StoreError, create_pool, migrated_version
@@ -138,6 +138,7 @@ def _event_route(
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """An ASGI handler for one event route: `authenticate` checks the request and returns its body."""
     path = f"/events/{route}"
+    acknowledged = ACK_SECONDS.labels(route)
 
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -149,7 +150,7 @@ def _event_route(
         headers = _headers(scope)
         try:
             body = await authenticate(current, headers, receive)
-            delivery = Delivery(route, decode_body(body), diagnostic_headers(headers))
+            delivery = Delivery(route, decode_body(body), headers)
             results = await _deliver(current, delivery)
         except _Refusal as refusal:
             if refusal.status == 499:
@@ -165,7 +166,7 @@ def _event_route(
             return
         await _send(send, 200, _encoder.encode(_Answer(results)), _JSON_HEADERS)
         seconds = time.perf_counter() - started
-        ACK_SECONDS.labels(route).observe(seconds)
+        acknowledged.observe(seconds)
         count_request(path, 200)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -329,6 +330,9 @@ def serve(settings: Settings, conninfo: str) -> None:
         "log_level": settings.log_level.lower(),
         "log_config": None,  # keep the relay's JSON logging
         "access_log": False,
+        # The relay never looks at client addresses, and need not tell the world which server it runs.
+        "proxy_headers": False,
+        "server_header": False,
         "timeout_graceful_shutdown": 10,
     }
     if settings.workers > 1:

@@ -99,19 +99,26 @@ def apply_event(state: UserState, event: UserEvent, delete_mode: DeleteMode) -> 
         replaces = event.is_snapshot and event.kind is not EventKind.DELETED
 
     if replaces and (state.snapshot_version is None or version > state.snapshot_version):
-        # Everything written before this snapshot goes; fields written after it stay.
-        state.field_versions = {name: v for name, v in state.field_versions.items() if v > version}
-        state.profile = {name: value for name, value in state.profile.items() if name in state.field_versions}
+        # Everything written before this snapshot goes; fields written after it stay, and win over it.
+        newer = {name: v for name, v in state.field_versions.items() if v > version}
+        kept = {name: state.profile[name] for name in newer if name in state.profile}
+        state.field_versions = newer
+        state.profile = {**fields, **kept}
         state.snapshot_version = version
-    floor = state.snapshot_version
-    for name, value in fields.items():
-        written = state.written(name)
-        if (floor is None or version >= floor) and (written is None or version > written):
-            state.profile[name] = value
+    elif state.snapshot_version is None or version >= state.snapshot_version:
+        # A partial write (or an older snapshot) wins each field it carries that no newer event wrote.
+        floor = state.snapshot_version
+        profile, field_versions = state.profile, state.field_versions
+        for name, value in fields.items():
+            if name in profile:
+                written = field_versions.get(name, floor)
+                if written is not None and version <= written:
+                    continue
+            profile[name] = value
             if version == floor:
-                state.field_versions.pop(name, None)
+                field_versions.pop(name, None)
             else:
-                state.field_versions[name] = version
+                field_versions[name] = version
 
     if event.kind is not EventKind.UPDATED and (
         state.lifecycle_version is None or version > state.lifecycle_version

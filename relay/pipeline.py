@@ -43,7 +43,7 @@ class Delivery(msgspec.Struct, frozen=True):
 
     route: str
     items: list[Item]
-    headers: dict[str, str] = {}  # diagnostic headers only
+    headers: Mapping[str, str] = {}  # of the request; a dead letter keeps only `DIAGNOSTIC_HEADERS`
     replaying: int | None = None  # the dead letter this body is replayed from
 
     def __len__(self) -> int:
@@ -157,7 +157,9 @@ def decide(
             if delivery.replaying is None:
                 decided.letter_index[index] = len(decided.writes.dead_letters)
                 decided.writes.dead_letters.append(
-                    NewDeadLetter(delivery.route, item.raw, delivery.headers, decided.errors[index])
+                    NewDeadLetter(
+                        delivery.route, item.raw, diagnostic_headers(delivery.headers), decided.errors[index]
+                    )
                 )
         elif outcome is not Outcome.DUPLICATE:
             assert not isinstance(item, Undecodable)
