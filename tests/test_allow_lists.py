@@ -13,30 +13,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from relay.batching import apply_isolating
-from relay.ingest import NotAllowed, ingest_body
+from relay.events import decode_body
+from relay.pipeline import Delivery, NotAllowed, Pipeline
 from relay.settings import ConfigError, Settings
-from tests.conftest import TestDatabase as Database  # aliased: pytest would try to collect Test*
-from tests.support import RelayProcess, encode, fixture, relay_environment, running_relay
-from tests.test_http import ROUTES, assert_stored_as_sent, deliver, migrated_schema, row_counts
-from tests.test_operations import insert_dead_letter, relay_command
+from tests.support.database import (
+    NOTHING_STORED,
+    Database,
+    assert_stored_as_sent,
+    dead_letters,
+    insert_dead_letter,
+    row_counts,
+)
+from tests.support.events import cloudevent, encode, fixture
+from tests.support.http import ROUTES, RelayProcess, deliver, relay_command, relay_environment, running_relay
 
 TENANT = "acme"  # the fixtures' a0tenant and a0stream
 STREAM = "est_38ANnv8pQhqsZrX2VFbftv"
 OTHER_STREAM = "est_0therStream0000000000"
-NOTHING_STORED = {"users": 0, "processed_events": 0, "dead_letters": 0}
-
-
-def from_origin(name: str = "user.created", **origin: Any) -> dict[str, Any]:
-    event = fixture(name)
-    for key, value in origin.items():
-        if value is None:
-            del event[key]
-        else:
-            event[key] = value
-    return event
+FOREIGN_TENANT_REFUSAL = (
+    "events from tenant (a0tenant) 'acme-dev' are not accepted by this relay (RELAY_ALLOWED_TENANTS)"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,49 +70,48 @@ def test_a_malformed_allow_list_names_the_variable(variable: str, value: str) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The rule, through ingest_body on real PostgreSQL
+# The rule, through the pipeline on real PostgreSQL
 
 
-async def ingest(
+async def deliver_body(
     pool: Any,
+    database: Database,
     body: bytes,
     *,
-    tenants: frozenset[str] | set[str],
-    streams: frozenset[str] | set[str] = frozenset(),
+    tenants: set[str] | frozenset[str] = frozenset(),
+    streams: set[str] | frozenset[str] = frozenset(),
 ) -> list[Any]:
-    async def apply(events: Any) -> Any:
-        return await apply_isolating(pool, events, "soft")
-
-    return await ingest_body(
-        pool,
-        apply,
-        route="webhook",
-        headers={},
-        body=body,
-        allowed_tenants=tenants,
-        allowed_streams=streams,
-    )
+    """A body through a running pipeline whose allow-lists are set, as the webhook route hands it over."""
+    settings = database.with_settings(allowed_tenants=frozenset(tenants), allowed_streams=frozenset(streams))
+    pipeline = Pipeline(pool, settings)
+    pipeline.start()
+    try:
+        return await pipeline.deliver(Delivery("webhook", decode_body(body)))
+    finally:
+        await pipeline.close()
 
 
 @pytest.mark.anyio
 async def test_an_event_from_an_allowed_tenant_and_stream_is_applied(pool: Any, database: Database) -> None:
     event = fixture("user.created")
-    [result] = await ingest(pool, encode(event), tenants={TENANT, "acme-dev"}, streams={STREAM})
-    assert result.outcome == "applied"
+    [result] = await deliver_body(
+        pool, database, encode(event), tenants={TENANT, "acme-dev"}, streams={STREAM}
+    )
+    assert (result.id, result.outcome) == (event["id"], "applied")
     assert_stored_as_sent(database, event)
 
 
 REFUSED_BODIES = {
-    "another tenant": (encode(from_origin(a0tenant="acme-dev")), "tenant (a0tenant) 'acme-dev'"),
+    "another tenant": (encode(cloudevent(a0tenant="acme-dev")), "tenant (a0tenant) 'acme-dev'"),
     "another stream": (
-        encode(from_origin(a0stream=OTHER_STREAM)),
+        encode(cloudevent(a0stream=OTHER_STREAM)),
         f"event stream (a0stream) '{OTHER_STREAM}'",
     ),
-    "no tenant": (encode(from_origin(a0tenant=None)), "names no tenant"),
-    "no stream": (encode(from_origin(a0stream=None)), "names no event stream"),
-    "a tenant that is not a string": (encode(from_origin(a0tenant=7)), "names no tenant"),
+    "no tenant": (encode(cloudevent(a0tenant=...)), "names no tenant"),
+    "no stream": (encode(cloudevent(a0stream=...)), "names no event stream"),
+    "a tenant that is not a string": (encode(cloudevent(a0tenant=7)), "names no tenant"),
     "a test event from another tenant": (
-        encode(from_origin("test-event", a0tenant="acme-dev")),
+        encode(cloudevent("test-event", a0tenant="acme-dev")),
         "'acme-dev'",
     ),
     "an undecodable event from another tenant": (
@@ -121,7 +119,7 @@ REFUSED_BODIES = {
         "'acme-dev'",
     ),
     "an array with one event from another tenant": (
-        encode([fixture("user.created"), from_origin("user.updated", a0tenant="acme-dev")]),
+        encode([fixture("user.created"), cloudevent("user.updated", a0tenant="acme-dev")]),
         "'acme-dev'",
     ),
 }
@@ -134,44 +132,47 @@ async def test_an_event_from_elsewhere_is_refused_and_nothing_of_the_body_is_sto
 ) -> None:
     body, reason = REFUSED_BODIES[case]
     with pytest.raises(NotAllowed) as refused:
-        await ingest(pool, body, tenants={TENANT}, streams={STREAM})
-    assert reason in refused.value.reason
+        await deliver_body(pool, database, body, tenants={TENANT}, streams={STREAM})
+    assert reason in str(refused.value)
     assert row_counts(database) == NOTHING_STORED
 
 
 @pytest.mark.anyio
 async def test_a_refusal_never_echoes_an_absurdly_long_tenant_whole(pool: Any, database: Database) -> None:
     with pytest.raises(NotAllowed) as refused:
-        await ingest(pool, encode(from_origin(a0tenant="x" * 5000)), tenants={TENANT})
-    assert len(refused.value.reason) < 200
+        await deliver_body(pool, database, encode(cloudevent(a0tenant="x" * 5000)), tenants={TENANT})
+    assert str(refused.value) == (
+        f"events from tenant (a0tenant) '{'x' * 64}…' are not accepted by this relay (RELAY_ALLOWED_TENANTS)"
+    )
 
 
 @pytest.mark.anyio
 async def test_a_body_that_is_not_a_json_object_is_still_dead_lettered(pool: Any, database: Database) -> None:
-    [result] = await ingest(pool, b"\x00 not json", tenants={TENANT}, streams={STREAM})
+    [result] = await deliver_body(pool, database, b"\x00 not json", tenants={TENANT}, streams={STREAM})
     assert result.outcome == "dead_lettered"
+    assert [letter.body for letter in dead_letters(database)] == [b"\x00 not json"]
     assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
 
 
 @pytest.mark.anyio
 async def test_only_the_lists_that_are_set_are_checked(pool: Any, database: Database) -> None:
-    event = from_origin(a0stream=OTHER_STREAM)
-    [result] = await ingest(pool, encode(event), tenants={TENANT})
-    assert result.outcome == "applied"
+    event = cloudevent(a0stream=OTHER_STREAM)
+    [result] = await deliver_body(pool, database, encode(event), tenants={TENANT})
+    assert (result.id, result.outcome) == (event["id"], "applied")
 
 
 def test_replaying_a_dead_letter_from_a_tenant_no_longer_allowed_fails_and_keeps_it(
     database: Database,
 ) -> None:
-    letter_id = insert_dead_letter(database, encode(from_origin(a0tenant="acme-dev")))
+    letter_id = insert_dead_letter(database, encode(cloudevent(a0tenant="acme-dev")))
 
     replayed = relay_command(database, "dead-letters", "replay", RELAY_ALLOWED_TENANTS=TENANT)
 
     assert replayed.returncode == 1
     assert f"dead letter {letter_id}: failing: events from tenant (a0tenant) 'acme-dev'" in replayed.stdout
-    assert database.query(
-        "SELECT resolved_at IS NULL, error LIKE '%%RELAY_ALLOWED_TENANTS%%' FROM dead_letters"
-    ) == [(True, True)]
+    [letter] = dead_letters(database)
+    assert (letter.id, letter.resolved) == (letter_id, False)
+    assert letter.error == FOREIGN_TENANT_REFUSAL
     assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
 
 
@@ -180,13 +181,8 @@ def test_replaying_a_dead_letter_from_a_tenant_no_longer_allowed_fails_and_keeps
 
 
 @pytest.fixture(scope="module")
-def shared_database(database_server: str) -> Iterator[Database]:
-    with migrated_schema(database_server, prefix="test_allow_") as database:
-        yield database
-
-
-@pytest.fixture(scope="module")
-def guarded_relay(shared_database: Database) -> Iterator[RelayProcess]:
+def relay(shared_database: Database) -> Iterator[RelayProcess]:
+    """The module's relay, with both allow-lists set."""
     env = relay_environment(
         shared_database.conninfo,
         shared_database.schema,
@@ -199,30 +195,25 @@ def guarded_relay(shared_database: Database) -> Iterator[RelayProcess]:
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_over_http_an_allowed_event_is_applied_and_another_tenants_is_403(
-    guarded_relay: RelayProcess, shared_database: Database, route: str
+    client: httpx.Client, clean_database: Database, route: str
 ) -> None:
-    database = shared_database.empty_tables()
-    ours, theirs = fixture("user.created"), from_origin("user.updated", a0tenant="acme-dev")
-    with guarded_relay.client() as client:
-        accepted = deliver(client, route, encode(ours), ours["id"])
-        refused = deliver(client, route, encode(theirs), theirs["id"])
+    ours, theirs = fixture("user.created"), cloudevent("user.updated", a0tenant="acme-dev")
+    accepted = deliver(client, route, encode(ours), ours["id"])
+    refused = deliver(client, route, encode(theirs), theirs["id"])
 
     assert accepted.status_code == 200, accepted.text
     assert refused.status_code == 403, refused.text
-    assert "acme-dev" in refused.json()["error"]
-    assert "RELAY_ALLOWED_TENANTS" in refused.json()["error"]
-    assert_stored_as_sent(database, ours)
-    assert row_counts(database) == {"users": 1, "processed_events": 1, "dead_letters": 0}
+    assert refused.json() == {"error": FOREIGN_TENANT_REFUSAL}
+    assert_stored_as_sent(clean_database, ours)
+    assert row_counts(clean_database) == {"users": 1, "processed_events": 1, "dead_letters": 0}
 
 
 def test_over_http_a_webhook_array_with_one_foreign_event_is_403_and_stores_nothing(
-    guarded_relay: RelayProcess, shared_database: Database
+    client: httpx.Client, clean_database: Database
 ) -> None:
-    database = shared_database.empty_tables()
-    body = encode([fixture("user.created"), from_origin("user.updated", a0stream=OTHER_STREAM)])
-    with guarded_relay.client() as client:
-        refused = deliver(client, "webhook", body)
+    body = encode([fixture("user.created"), cloudevent("user.updated", a0stream=OTHER_STREAM)])
+    refused = deliver(client, "webhook", body)
 
     assert refused.status_code == 403, refused.text
     assert OTHER_STREAM in refused.json()["error"]
-    assert row_counts(database) == NOTHING_STORED
+    assert row_counts(clean_database) == NOTHING_STORED
