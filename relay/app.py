@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,9 @@ from relay.observability import (
     UNAVAILABLE,
     configure_logging,
     count_request,
-    watch_pool,
-    watch_queue,
+    forget_this_process,
+    in_worker_processes,
+    sample_runtime_forever,
 )
 from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline
 from relay.settings import Settings
@@ -277,16 +279,17 @@ def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] 
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Not waiting for a connection: the relay serves (and answers 503) while PostgreSQL comes up.
         await pool.open(wait=False)
-        watch_pool(pool)
         pipeline.start()
-        watch_queue(pipeline)
+        sampling = asyncio.create_task(sample_runtime_forever(pool, pipeline))
         app.state.relay = relay
         try:
             yield
         finally:
             # Every event already accepted is committed before the pool goes away.
             await pipeline.close()
+            sampling.cancel()
             await pool.close()
+            forget_this_process()
 
     routes = [
         asgi(f"/events/{route}", copy_scope=False)(_event_route(route, lambda: relay, authenticate))
@@ -307,6 +310,21 @@ def app_from_environment() -> Litestar:
     configure_logging(settings.log_level)
     assert settings.database_url is not None, "the serving process sets DATABASE_URL for its workers"
     return create_app(settings, settings.database_url)
+
+
+@contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """A folder where every worker process keeps its metrics, so that a scrape of any one of them counts them
+    all (prometheus_client's multiprocess mode, which Litestar's /metrics reads); emptied for each run."""
+    if in_worker_processes():
+        yield  # the operator chose the folder
+        return
+    with tempfile.TemporaryDirectory(prefix="relay-metrics-") as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -337,7 +355,8 @@ def serve(settings: Settings, conninfo: str) -> None:
     }
     if settings.workers > 1:
         os.environ["DATABASE_URL"] = conninfo
-        uvicorn.run("relay.app:app_from_environment", factory=True, workers=settings.workers, **options)
+        with _shared_metrics():
+            uvicorn.run("relay.app:app_from_environment", factory=True, workers=settings.workers, **options)
         return
     # Uvicorn raises SIGTERM again once its graceful shutdown is over, which would end the process as killed
     # by the signal (status 143); by then every accepted event is committed, so report a clean exit instead.

@@ -53,12 +53,6 @@ class UserState:
     deleted_at: datetime | None = None
     last_version: Version | None = None  # the newest event applied, of any kind
 
-    def written(self, name: str) -> Version | None:
-        """The version of the event that wrote field `name`, if it is in the profile."""
-        if name not in self.profile:
-            return None
-        return self.field_versions.get(name, self.snapshot_version)
-
     def to_merge_state(self) -> dict[str, Any]:
         """The bookkeeping stored in `users.merge_state` (JSON)."""
         return {

@@ -10,18 +10,17 @@ They never carry a profile field, a credential or a signature: only ids, types, 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import os
 import sys
 import time
-import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
 from psycopg_pool import AsyncConnectionPool
 
 REQUESTS = Counter(
@@ -64,47 +63,46 @@ EVENT_LAG_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 86400),
 )
 
-_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
-_queues: weakref.WeakSet[Any] = weakref.WeakSet()
+_POOL_GAUGES = {
+    key: Gauge(f"relay_db_{key}", help_text, multiprocess_mode="livesum")
+    for key, help_text in (
+        ("pool_size", "Connections the pools hold, busy or idle."),
+        ("pool_available", "Idle connections ready for a batch."),
+        ("requests_waiting", "Callers waiting for a connection."),
+        ("requests_errors", "Connection requests that failed (timeouts, refused), since start."),
+        ("connections_lost", "Connections found broken, since start."),
+        ("connections_errors", "Failed attempts to open a connection, since start."),
+    )
+}
+QUEUE_EVENTS = Gauge(
+    "relay_queue_events",
+    "Events waiting for a commit (503 beyond RELAY_QUEUE_MAX_EVENTS per worker).",
+    multiprocess_mode="livesum",
+)
+# How often the gauges above are read from the pool and the pipeline.
+RUNTIME_SAMPLE_SECONDS = 1.0
 
 
-class _RuntimeCollector(Collector):
-    """Pool statistics and queue depth, read when Prometheus scrapes."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats: dict[str, float] = {}
-        for pool in list(_pools):
-            for key, value in pool.get_stats().items():
-                stats[key] = stats.get(key, 0) + value
-        for key, help_text in (
-            ("pool_size", "Connections the pool holds, busy or idle."),
-            ("pool_available", "Idle connections ready for a batch."),
-            ("requests_waiting", "Callers waiting for a connection."),
-        ):
-            yield GaugeMetricFamily(f"relay_db_{key}", help_text, value=stats.get(key, 0))
-        for key, help_text in (
-            ("requests_errors", "Connection requests that failed (timeouts, refused), since start."),
-            ("connections_lost", "Connections found broken, since start."),
-            ("connections_errors", "Failed attempts to open a connection, since start."),
-        ):
-            yield GaugeMetricFamily(f"relay_db_{key}", help_text, value=stats.get(key, 0))
-        yield GaugeMetricFamily(
-            "relay_queue_events",
-            "Events waiting for a commit (503 beyond RELAY_QUEUE_MAX_EVENTS).",
-            value=sum(queue.queued_events for queue in list(_queues)),
-        )
+async def sample_runtime_forever(pool: AsyncConnectionPool[Any], queue: Any) -> None:
+    """Keeps the pool and queue gauges current; `queue` has a `queued_events` attribute (the pipeline). With
+    several worker processes, each sets its own and a scrape sees their sum."""
+    while True:
+        stats = pool.get_stats()
+        for key, gauge in _POOL_GAUGES.items():
+            gauge.set(stats.get(key, 0))
+        QUEUE_EVENTS.set(queue.queued_events)
+        await asyncio.sleep(RUNTIME_SAMPLE_SECONDS)
 
 
-REGISTRY.register(_RuntimeCollector())
+def in_worker_processes() -> bool:
+    """Whether worker processes share metrics through files (prometheus_client's multiprocess mode)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def watch_pool(pool: AsyncConnectionPool[Any]) -> None:
-    _pools.add(pool)
-
-
-def watch_queue(queue: Any) -> None:
-    """`queue` has a `queued_events` attribute (the pipeline)."""
-    _queues.add(queue)
+def forget_this_process() -> None:
+    """Drops this worker's gauges from the shared figures as it stops; its counters stay counted."""
+    if in_worker_processes():
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 _request_counters: dict[tuple[str, int], Any] = {}

@@ -230,6 +230,25 @@ SELECT 'event', event_id, NULL, NULL, NULL, NULL
  WHERE event_id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(event_ids)s::jsonb)))
 """
 
+# The same, for a batch that lost a race: its known users are locked (in user_id order, as every writer locks
+# them) until its write commits, so no other writer can change them in between and it cannot lose again. Only
+# a retry pays for holding locks while the relay decides; under contention for a few hot users, optimistic
+# attempts alone can lose every time.
+READ_BATCH_LOCKED = """
+WITH known AS (
+    SELECT user_id, profile, merge_state, deleted_at, xmin::text AS row_version
+      FROM users
+     WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(user_ids)s::jsonb)))
+     ORDER BY user_id
+       FOR UPDATE
+)
+SELECT 'user', user_id, profile, merge_state, deleted_at, row_version FROM known
+UNION ALL
+SELECT 'event', event_id, NULL, NULL, NULL, NULL
+  FROM processed_events
+ WHERE event_id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(event_ids)s::jsonb)))
+"""
+
 # Everything a batch writes, in one statement and so one transaction: committed whole or not at all.
 #
 # The users it changes are locked in user_id order and must still be the row versions it read; if another
@@ -372,14 +391,25 @@ async def commit_batch(
     pool: Pool, event_ids: Sequence[str], user_ids: Sequence[str], decide: Decide
 ) -> Committed:
     """One committed batch: finds which `event_ids` are already processed and reads the known `user_ids`,
-    asks `decide(processed, known_users)` what to write, and writes it in one statement."""
+    asks `decide(processed, known_users)` what to write, and writes it in one statement. Run again from
+    fresh facts if another writer got there first, then with the known users locked from read to write."""
     ids = {
         "event_ids": _encode(list(event_ids)).decode(),
         "user_ids": _encode(sorted(set(user_ids))).decode(),
     }
 
+    attempts = 0
+
     async def work(conn: Connection) -> Committed:
-        cursor = await conn.execute(READ_BATCH, ids)
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            return await read_decide_write(conn, READ_BATCH)
+        async with conn.transaction():
+            return await read_decide_write(conn, READ_BATCH_LOCKED)
+
+    async def read_decide_write(conn: Connection, read: str) -> Committed:
+        cursor = await conn.execute(read, ids)
         processed: set[str] = set()
         known: dict[str, StoredUser] = {}
         for kind, key, profile, merge_state, deleted_at, row_version in await cursor.fetchall():
