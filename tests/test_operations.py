@@ -1,84 +1,51 @@
 """Operator commands on the stored data: `relay dead-letters list | show | replay | resolve` and
 `relay prune`, run as real processes against real PostgreSQL, as an operator runs them.
 
-Dead letters are made the way the relay makes them (`ingest_body` on an unusable body), or inserted as an
+Dead letters are made the way the relay makes them (`Pipeline.commit` of an unusable body), or inserted as an
 older relay version would have left them: a body the current decoder reads fine, which is what replay is for.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from psycopg.types.json import Jsonb
 
-from relay.batching import apply_isolating
-from relay.events import decode_event
-from relay.ingest import ingest_body
-from relay.store import apply_events
-from tests.conftest import TestDatabase as Database  # aliased: pytest would try to collect Test*
-from tests.support import REPO, encode, fixture, relay_environment
-from tests.test_http import assert_stored_as_sent, row_counts
+from relay.events import decode_body
+from relay.operations import Replayed, replay_dead_letters
+from relay.pipeline import Delivery, EventResult, Pipeline
+from relay.store import Pool
+from tests.support.database import (
+    Database,
+    assert_stored_as_sent,
+    dead_letters,
+    insert_dead_letter,
+    row_counts,
+)
+from tests.support.events import cloudevent, encode, fixture
+from tests.support.http import relay_command
 
 pytestmark = pytest.mark.integration
 
 OLD_ERROR = "an older relay version could not decode this"
 
 
-def relay_command(database: Database, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args],
-        env=relay_environment(database.conninfo, database.schema, **env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def insert_dead_letter(
-    database: Database,
-    body: bytes,
-    *,
-    route: str = "webhook",
-    error: str = OLD_ERROR,
-    headers: dict[str, str] | None = None,
-    received_ago: timedelta = timedelta(0),
-    resolved_ago: timedelta | None = None,
-) -> int:
-    """A dead letter as an earlier relay version left it."""
-    [(letter_id,)] = database.query(
-        "INSERT INTO dead_letters (route, body, headers, error, received_at, resolved_at)"
-        " VALUES (%s, %s, %s, %s, now() - %s::interval, now() - %s::interval) RETURNING id",
-        [route, body, Jsonb(headers or {}), error, received_ago, resolved_ago],
-    )
-    return int(letter_id)
-
-
-def dead_letter_rows(database: Database) -> list[tuple[Any, ...]]:
-    return database.query("SELECT id, body, error, resolved_at IS NOT NULL FROM dead_letters ORDER BY id")
-
-
 def user_event(number: int, kind: str = "created", **fields: Any) -> dict[str, Any]:
-    event = fixture(f"user.{kind}")
-    event["id"] = f"evt_ops{kind[0]}{number:018d}"
-    event["data"]["object"]["user_id"] = f"auth0|ops-{number}"
-    event["data"]["object"].update(fields)
-    return event
-
-
-async def ingest_directly(pool: Any, body: bytes, route: str = "webhook") -> list[Any]:
-    """The relay's own path from a body to committed outcomes, without HTTP."""
-
-    async def apply(events: Any) -> Any:
-        return await apply_isolating(pool, events, "soft")
-
-    return await ingest_body(
-        pool, apply, route=route, headers={"content-type": "application/json"}, body=body
+    return cloudevent(
+        f"user.{kind}", id=f"evt_ops{kind[0]}{number:018d}", user_id=f"auth0|ops-{number}", **fields
     )
+
+
+async def commit(pipeline: Pipeline, body: bytes, route: str = "webhook") -> list[EventResult]:
+    """The relay's own path from a body to committed outcomes, without HTTP."""
+    headers = {"content-type": "application/json"}
+    [results] = await pipeline.commit([Delivery(route, decode_body(body), headers)])
+    return results
+
+
+def letter_rows(database: Database) -> list[tuple[int, bytes, str, bool]]:
+    return [(letter.id, letter.body, letter.error, letter.resolved) for letter in dead_letters(database)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,64 +62,88 @@ def test_replay_applies_a_body_the_current_decoder_reads_and_resolves_it(databas
     assert f"dead letter {letter_id}: resolved: {event['id']} applied" in replayed.stdout
     assert_stored_as_sent(database, event)
     assert database.query("SELECT event_id, outcome FROM processed_events") == [(event["id"], "applied")]
-    [(_, _, error, resolved)] = dead_letter_rows(database)
-    assert (error, resolved) == (OLD_ERROR, True)
+    assert letter_rows(database) == [(letter_id, encode(event), OLD_ERROR, True)]
 
 
 @pytest.mark.anyio
-async def test_replay_that_still_fails_updates_the_same_dead_letter_and_keeps_it_unresolved(
-    pool: Any, database: Database
+async def test_replay_resolves_the_letter_in_the_transaction_that_applies_its_events(
+    pool: Pool, database: Database
 ) -> None:
-    body = b'{"id": "evt_broken", "type": "user.created", "time": "not a time"}'
-    [result] = await ingest_directly(pool, body)
-    current_error = result.error
+    """Both rows carry the same `now()`: PostgreSQL's time of the one transaction that wrote them both."""
+    event = fixture("user.created")
+    letter_id = insert_dead_letter(database, encode(event))
+
+    replays = [replayed async for replayed in replay_dead_letters(pool, [letter_id], database.settings)]
+
+    assert replays == [Replayed(letter_id, "resolved", f"{event['id']} applied")]
+    [(resolved_at, received_at)] = database.query(
+        "SELECT resolved_at, (SELECT received_at FROM processed_events WHERE event_id = %s)"
+        " FROM dead_letters WHERE id = %s",
+        [event["id"], letter_id],
+    )
+    assert resolved_at is not None
+    assert resolved_at == received_at
+    assert_stored_as_sent(database, event)
+
+
+STILL_FAILING = {
+    "undecodable": (
+        b'{"id": "evt_broken", "type": "user.created", "time": "not a time"}',
+        "not a CloudEvent: Invalid RFC3339 encoded datetime - at `$.time`",
+    ),
+    "refused by PostgreSQL": (
+        encode(user_event(1, created_at="2025-01-01T00:00:00+20:00")),
+        'PostgreSQL refused the event: time zone displacement out of range: "2025-01-01T00:00:00+20:00"',
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", sorted(STILL_FAILING))
+async def test_replay_that_still_fails_records_the_new_error_on_the_same_letter_and_keeps_no_copy(
+    pipeline: Pipeline, pool: Pool, database: Database, case: str
+) -> None:
+    body, error = STILL_FAILING[case]
+    [result] = await commit(pipeline, body)
+    assert (result.outcome, result.error) == ("dead_lettered", error)
     database.query("UPDATE dead_letters SET error = %s", [OLD_ERROR])
 
-    replayed = relay_command(database, "dead-letters", "replay", str(result.dead_letter_id))
+    for _ in range(2):
+        replays = [replayed async for replayed in replay_dead_letters(pool, [], database.settings)]
+        assert replays == [Replayed(result.dead_letter_id, "failing", error)]
+        assert letter_rows(database) == [(result.dead_letter_id, body, error, False)]
+        assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
+def test_replay_that_still_fails_exits_1_and_says_why(database: Database) -> None:
+    body, error = STILL_FAILING["refused by PostgreSQL"]
+    letter_id = insert_dead_letter(database, body)
+
+    replayed = relay_command(database, "dead-letters", "replay", str(letter_id))
 
     assert replayed.returncode == 1
-    assert f"dead letter {result.dead_letter_id}: failing: not a CloudEvent" in replayed.stdout
-    assert dead_letter_rows(database) == [(result.dead_letter_id, body, current_error, False)]
-    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
-
-
-@pytest.mark.anyio
-async def test_replay_of_a_body_postgresql_refuses_stays_one_unresolved_dead_letter(
-    pool: Any, database: Database
-) -> None:
-    body = encode(user_event(1, name="nul \u0000 inside"))  # jsonb cannot hold U+0000
-    [result] = await ingest_directly(pool, body)
-    assert result.outcome == "dead_lettered"
-
-    for _ in range(2):
-        replayed = relay_command(database, "dead-letters", "replay")
-        assert replayed.returncode == 1
-        assert "failing: PostgreSQL refused the event" in replayed.stdout
-
-    [(letter_id, stored_body, error, resolved)] = dead_letter_rows(database)
-    assert (letter_id, stored_body, resolved) == (result.dead_letter_id, body, False)
-    assert error.startswith("PostgreSQL refused the event")
-    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+    assert replayed.stdout.splitlines() == [
+        f"dead letter {letter_id}: failing: {error}",
+        "replayed: 1 failing",
+    ]
+    assert letter_rows(database) == [(letter_id, body, error, False)]
 
 
 @pytest.mark.anyio
 async def test_replay_of_an_event_already_applied_is_a_duplicate_and_resolves(
-    pool: Any, database: Database
+    pipeline: Pipeline, database: Database
 ) -> None:
-    event = fixture("user.created")
-    async with pool.connection() as conn:
-        await apply_events(conn, [decode_event(encode(event))], "soft")
-    newer = fixture("user.updated")
-    async with pool.connection() as conn:
-        await apply_events(conn, [decode_event(encode(newer))], "soft")
+    event, newer = fixture("user.created"), fixture("user.updated")
+    assert [result.outcome for result in await commit(pipeline, encode(event))] == ["applied"]
+    assert [result.outcome for result in await commit(pipeline, encode(newer))] == ["applied"]
     letter_id = insert_dead_letter(database, encode(event))
 
     replayed = relay_command(database, "dead-letters", "replay", str(letter_id))
 
     assert replayed.returncode == 0, replayed.stderr
-    assert f"resolved: {event['id']} duplicate" in replayed.stdout
+    assert f"dead letter {letter_id}: resolved: {event['id']} duplicate" in replayed.stdout
     assert_stored_as_sent(database, newer)
-    assert dead_letter_rows(database)[0][3] is True
+    assert letter_rows(database) == [(letter_id, encode(event), OLD_ERROR, True)]
 
 
 def test_replay_of_an_array_applies_what_it_can_and_keeps_the_rest_unresolved(database: Database) -> None:
@@ -166,9 +157,9 @@ def test_replay_of_an_array_applies_what_it_can_and_keeps_the_rest_unresolved(da
     assert (first.returncode, second.returncode) == (1, 1)
     assert_stored_as_sent(database, good)
     assert database.query("SELECT event_id FROM processed_events") == [(good["id"],)]
-    [(stored_id, _, error, resolved)] = dead_letter_rows(database)
-    assert (stored_id, resolved) == (letter_id, False)
-    assert "not a CloudEvent" in error and "time" in error
+    assert letter_rows(database) == [
+        (letter_id, encode([good, bad]), "not a CloudEvent: Object missing required field `time`", False)
+    ]
 
 
 def test_replay_without_ids_takes_every_unresolved_dead_letter_once_and_no_resolved_one(
@@ -306,7 +297,7 @@ def test_resolve_marks_a_dead_letter_resolved_without_applying_it(database: Data
     )
     assert (again.returncode, again.stdout.strip()) == (0, f"dead letter {letter_id} was already resolved")
     assert unknown.returncode == 1
-    assert dead_letter_rows(database)[0][3] is True
+    assert letter_rows(database)[0][3] is True
     assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
     assert relay_command(database, "dead-letters", "replay").stdout.strip() == "no unresolved dead letters"
 
@@ -315,21 +306,22 @@ def test_resolve_marks_a_dead_letter_resolved_without_applying_it(database: Data
 # Retention
 
 
-async def apply_in_order(pool: Any, events: list[dict[str, Any]], delete_mode: str = "soft") -> list[str]:
-    outcomes = []
-    for event in events:
-        async with pool.connection() as conn:
-            outcomes += [str(o) for o in await apply_events(conn, [decode_event(encode(event))], delete_mode)]
-    return outcomes
+async def apply_in_order(
+    pool: Pool, database: Database, events: list[dict[str, Any]], delete_mode: Any
+) -> list[str]:
+    """Each event committed on its own, one after the other; the outcomes."""
+    pipeline = Pipeline(pool, database.with_settings(delete_mode=delete_mode))
+    return [result.outcome.value for event in events for result in await commit(pipeline, encode(event))]
 
 
 @pytest.mark.anyio
 async def test_prune_deletes_old_ledger_rows_and_old_resolved_dead_letters_and_keeps_tombstones(
-    pool: Any, database: Database
+    pool: Pool, database: Database
 ) -> None:
     old_events = [user_event(number) for number in range(5)] + [user_event(0, "deleted")]
     recent = user_event(9)
-    assert await apply_in_order(pool, [*old_events, recent]) == ["applied"] * 5 + ["tombstoned", "applied"]
+    outcomes = await apply_in_order(pool, database, [*old_events, recent], "soft")
+    assert outcomes == ["applied"] * 5 + ["tombstoned", "applied"]
     database.query(
         "UPDATE processed_events SET received_at = now() - interval '40 days' WHERE event_id <> %s",
         [recent["id"]],
@@ -350,7 +342,7 @@ async def test_prune_deletes_old_ledger_rows_and_old_resolved_dead_letters_and_k
     assert "processed_events: deleted 6 rows" in pruned.stdout
     assert "dead_letters: deleted 3 resolved" in pruned.stdout
     assert database.query("SELECT event_id FROM processed_events") == [(recent["id"],)]
-    remaining = [row[0] for row in dead_letter_rows(database)]
+    remaining = [row[0] for row in letter_rows(database)]
     assert remaining == [old_unresolved, recently_resolved]
     assert not set(old_resolved) & set(remaining)
     assert database.query("SELECT * FROM users ORDER BY user_id") == users_before
@@ -360,18 +352,18 @@ async def test_prune_deletes_old_ledger_rows_and_old_resolved_dead_letters_and_k
 @pytest.mark.anyio
 @pytest.mark.parametrize("delete_mode", ["soft", "scrub"])
 async def test_an_old_event_redelivered_after_its_ledger_row_was_pruned_changes_nothing(
-    pool: Any, database: Database, delete_mode: str
+    pool: Pool, database: Database, delete_mode: str
 ) -> None:
     """Pruning the ledger is safe: the merge state in `users`, not the ledger, decides what events do."""
     created, updated, deleted = fixture("user.created"), fixture("user.updated"), fixture("user.deleted")
-    await apply_in_order(pool, [created, updated, deleted], delete_mode)
+    await apply_in_order(pool, database, [created, updated, deleted], delete_mode)
     database.query("UPDATE processed_events SET received_at = now() - interval '2 days'")
     before = database.query("SELECT * FROM users")
 
     pruned = relay_command(database, "prune", "--older-than", "1d")
     assert "processed_events: deleted 3 rows" in pruned.stdout
 
-    assert await apply_in_order(pool, [updated, created, deleted], delete_mode) == ["stale"] * 3
+    assert await apply_in_order(pool, database, [updated, created, deleted], delete_mode) == ["stale"] * 3
     assert database.query("SELECT * FROM users") == before
 
 
