@@ -12,23 +12,28 @@ from typing import Any
 
 import httpx
 import pytest
-import respx
 
 from relay.auth0.catch_up import catch_up, cursor_stream
 from relay.auth0.management import Credentials, Management
 from relay.auth0.progress import StatusLine
-from relay.batching import apply_isolating
 from relay.cli import main
-from relay.events import decode_event
-from tests.support import AUTH0_DOMAIN, AUTH0_ENVIRONMENT, fixture
-
-DOMAIN = AUTH0_DOMAIN
-EVENTS_URL = f"https://{DOMAIN}/api/v2/events"
-CREDENTIALS = Credentials(
-    DOMAIN, AUTH0_ENVIRONMENT["AUTH0_CLIENT_ID"], AUTH0_ENVIRONMENT["AUTH0_CLIENT_SECRET"]
+from relay.events import decode_body
+from relay.pipeline import Delivery
+from tests.support.auth0 import (
+    ACCESS_TOKEN,
+    AUTH0_CLIENT_ID,
+    AUTH0_CLIENT_SECRET,
+    AUTH0_DOMAIN,
+    MANAGEMENT_API,
+    management_api,
 )
+from tests.support.database import Database
+from tests.support.events import cloudevent, encode, fixture
+
+EVENTS_URL = f"{MANAGEMENT_API}/events"
+CREDENTIALS = Credentials(AUTH0_DOMAIN, AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET)
 USER_ID = "auth0|679fb1b1e809445f129bc18d"
-STREAM = cursor_stream(DOMAIN)
+STREAM = cursor_stream(AUTH0_DOMAIN)
 EXPIRED_MESSAGE = "the stored cursor has expired: run `relay backfill`, then `relay catch-up --since <time>`"
 
 
@@ -56,31 +61,20 @@ def stream_response(text: str, **options: Any) -> httpx.Response:
     )
 
 
-def mock_token(auth0: respx.MockRouter) -> None:
-    auth0.post(f"https://{DOMAIN}/oauth/token").mock(
-        return_value=httpx.Response(
-            200, json={"access_token": "management-token", "expires_in": 86400, "token_type": "Bearer"}
-        )
-    )
-
-
 def undecodable_update() -> dict[str, Any]:
-    event = fixture("user.updated")
-    event["id"] = "evt_Undecodable0000000001"
-    del event["data"]["object"]["user_id"]
-    return event
+    return cloudevent("user.updated", id="evt_Undecodable0000000001", user_id=...)
 
 
 async def no_wait(_seconds: float) -> None:
     await asyncio.sleep(0)
 
 
-async def run_catch_up(pool: Any, **options: Any) -> tuple[Any, str]:
+async def run_catch_up(pool: Any, database: Database, **options: Any) -> tuple[Any, str]:
     progress = io.StringIO()
     report = await catch_up(
         Management(CREDENTIALS),
         pool,
-        "soft",
+        database.settings,
         idle_seconds=0.3,
         status=StatusLine(progress),
         sleep=no_wait,
@@ -91,7 +85,7 @@ async def run_catch_up(pool: Any, **options: Any) -> tuple[Any, str]:
 
 @pytest.mark.anyio
 async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_resumed(
-    pool: Any, database: Any
+    pool: Any, pipeline: Any, database: Database
 ) -> None:
     created, updated, deleted = (
         fixture("user.created"),
@@ -99,8 +93,8 @@ async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_
         fixture("user.deleted.minimal"),
     )
     # Received live before the outage: the Events API replays it, and the ledger knows it.
-    live = await apply_isolating(pool, [decode_event(json.dumps(created).encode())], "soft")
-    assert [str(result) for result in live] == ["applied"]
+    [live] = await pipeline.commit([Delivery("action", decode_body(encode(created)))])
+    assert [result.outcome for result in live] == ["applied"]
     first_run = "".join(
         [
             message("b2Zmc2V0LTAx", created),
@@ -112,19 +106,18 @@ async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_
             message("b2Zmc2V0LTA2"),  # offset-only after the last event: the cursor moves on
         ]
     )
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         route = auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(first_run))
 
         report, progress = await run_catch_up(
-            pool, since=datetime.fromisoformat("2025-02-01T00:00:00Z"), batch_max_events=2
+            pool, database, since=datetime.fromisoformat("2025-02-01T00:00:00Z"), batch_max_events=2
         )
 
     request = route.calls[0].request
     assert request.url.params.get_list("event_type") == ["user.created", "user.updated", "user.deleted"]
     assert request.url.params["from_timestamp"] == "2025-02-01T00:00:00Z"
     assert "from" not in request.url.params
-    assert request.headers["authorization"] == "Bearer management-token"
+    assert request.headers["authorization"] == f"Bearer {ACCESS_TOKEN}"
     assert request.headers["accept"] == "text/event-stream"
 
     assert report.received == 4
@@ -141,18 +134,17 @@ async def test_events_streamed_in_chunks_are_applied_and_the_cursor_stored_then_
     ]
     [(route_name, body, error)] = database.query("SELECT route, body, error FROM dead_letters")
     assert (route_name, json.loads(body)) == ("catch-up", undecodable_update())
-    assert "user_id" in error
+    assert error == "user.updated data.object is not an Auth0 user: Object missing required field `user_id`"
     # Batches of two commit one after the other, each storing the cursor it reached.
     assert "catch-up: 2 events (1 applied, 1 duplicate); cursor b2Zmc2V0LTAz" in progress
     assert progress.rstrip().endswith("cursor b2Zmc2V0LTA2")
 
     # The next run goes on from the stored cursor, and Auth0's replay of an event it had sent is a duplicate.
     second_run = message("b2Zmc2V0LTA1", deleted) + message("b2Zmc2V0LTA3")
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         route = auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(second_run))
 
-        report, _ = await run_catch_up(pool)
+        report, _ = await run_catch_up(pool, database)
 
     assert route.calls[0].request.url.params["from"] == "b2Zmc2V0LTA2"
     assert "from_timestamp" not in route.calls[0].request.url.params
@@ -165,8 +157,7 @@ def test_the_command_catches_up_then_stops_when_idle(
 ) -> None:
     created, updated = fixture("user.created"), fixture("user.updated")
     body = message("MTAx", created) + message("MTAy", updated) + message("MTAz")
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body))
 
         status = main(["catch-up", "--since", "2025-02-01T00:00:00Z", "--idle-seconds", "0.3"])
@@ -182,7 +173,7 @@ def test_the_command_catches_up_then_stops_when_idle(
 def test_without_a_stored_cursor_the_command_asks_for_since(
     relay_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with respx.mock(assert_all_mocked=True):
+    with management_api():
         status = main(["catch-up"])
 
     assert status == 1
@@ -195,8 +186,7 @@ def test_an_expired_cursor_tells_the_operator_to_backfill(
     relay_env.query(
         "INSERT INTO event_cursors (stream, cursor) VALUES (%s, %s)", [STREAM, "c3RhbGUtY3Vyc29y"]
     )
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         route = auth0.get(EVENTS_URL).mock(
             return_value=httpx.Response(410, json={"statusCode": 410, "message": "The offset has expired"})
         )
@@ -211,23 +201,24 @@ def test_an_expired_cursor_tells_the_operator_to_backfill(
 
 @pytest.mark.anyio
 async def test_a_cursor_expired_error_message_in_the_stream_is_the_same_advice(
-    pool: Any, database: Any
+    pool: Any, database: Database
 ) -> None:
     database.query("INSERT INTO event_cursors (stream, cursor) VALUES (%s, %s)", [STREAM, "b2xk"])
     error = {"error": {"code": "cursor_expired", "message": "offset is too old"}}
     body = f"event: error\ndata: {json.dumps(error)}\n\n"
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body, stay_open=False))
 
         with pytest.raises(
             Exception, match="the stored cursor has expired \\(cursor_expired: offset is too old\\)"
         ):
-            await run_catch_up(pool)
+            await run_catch_up(pool, database)
 
 
 @pytest.mark.anyio
-async def test_rate_limited_connection_waits_for_retry_after_then_streams(pool: Any, database: Any) -> None:
+async def test_rate_limited_connection_waits_for_retry_after_then_streams(
+    pool: Any, database: Database
+) -> None:
     waits: list[float] = []
 
     async def recording_sleep(seconds: float) -> None:
@@ -235,8 +226,7 @@ async def test_rate_limited_connection_waits_for_retry_after_then_streams(pool: 
         await asyncio.sleep(0)
 
     body = message("MQ", fixture("user.created")) + message("Mg")
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         route = auth0.get(EVENTS_URL).mock(
             side_effect=[
                 httpx.Response(429, headers={"Retry-After": "7"}, json={"message": "Too Many Requests"}),
@@ -246,7 +236,7 @@ async def test_rate_limited_connection_waits_for_retry_after_then_streams(pool: 
         report = await catch_up(
             Management(CREDENTIALS),
             pool,
-            "soft",
+            database.settings,
             since=datetime.fromisoformat("2025-02-01T00:00:00+00:00"),
             idle_seconds=0.3,
             status=StatusLine(io.StringIO()),
@@ -260,7 +250,9 @@ async def test_rate_limited_connection_waits_for_retry_after_then_streams(pool: 
 
 
 @pytest.mark.anyio
-async def test_a_stream_closed_by_auth0_is_reopened_from_the_last_offset(pool: Any, database: Any) -> None:
+async def test_a_stream_closed_by_auth0_is_reopened_from_the_last_offset(
+    pool: Any, database: Database
+) -> None:
     """Auth0 closes connections every few minutes to balance load; the reader goes on where it was."""
     created, updated = fixture("user.created"), fixture("user.updated")
     bodies = {
@@ -272,11 +264,12 @@ async def test_a_stream_closed_by_auth0_is_reopened_from_the_last_offset(pool: A
         text, stay_open = bodies[request.url.params.get("from")]
         return stream_response(text, stay_open=stay_open)
 
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         route = auth0.get(EVENTS_URL).mock(side_effect=answer)
 
-        report, _ = await run_catch_up(pool, since=datetime.fromisoformat("2025-02-01T00:00:00+00:00"))
+        report, _ = await run_catch_up(
+            pool, database, since=datetime.fromisoformat("2025-02-01T00:00:00+00:00")
+        )
 
     assert [call.request.url.params.get("from") for call in route.calls] == [None, "c2Vjb25k"]
     assert (dict(report.outcomes), report.cursor) == ({"applied": 2}, "dGhpcmQ")
@@ -284,8 +277,7 @@ async def test_a_stream_closed_by_auth0_is_reopened_from_the_last_offset(pool: A
 
 
 def test_a_refused_token_scope_names_read_events(relay_env: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    with respx.mock(assert_all_mocked=True) as auth0:
-        mock_token(auth0)
+    with management_api() as auth0:
         auth0.get(EVENTS_URL).mock(
             return_value=httpx.Response(
                 403, json={"statusCode": 403, "error": "Forbidden", "message": "Insufficient scope"}
