@@ -178,7 +178,7 @@ def _event_route(
                         "route": route,
                         "status": 200,
                         "latency_ms": round(seconds * 1000, 2),
-                        "events": [[result.id, result.outcome.value] for result in results],
+                        "events": [[result.id, result.outcome] for result in results],
                     }
                 },
             )

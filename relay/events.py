@@ -83,7 +83,7 @@ class UserObject(Struct, kw_only=True, forbid_unknown_fields=False):
 SNAPSHOT_FIELDS = ("user_id", "created_at", "updated_at", "identities")
 
 
-class EventKind(enum.Enum):
+class EventKind(enum.StrEnum):
     CREATED = "user.created"
     UPDATED = "user.updated"
     DELETED = "user.deleted"

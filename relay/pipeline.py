@@ -164,7 +164,7 @@ def decide(
         elif outcome is not Outcome.DUPLICATE:
             assert not isinstance(item, Undecodable)
             decided.writes.ledger.append(
-                LedgerRow(item.id, _type_of(item), item.user_id, item.time, outcome.value)
+                LedgerRow(item.id, _type_of(item), item.user_id, item.time, outcome)
             )
     _settle_replays(entries, decided)
     return decided
@@ -222,7 +222,7 @@ def _version_order(item: Item) -> tuple[int, str]:
 
 
 def _type_of(item: UserEvent | OtherEvent) -> str:
-    return item.kind.value if isinstance(item, UserEvent) else item.type
+    return item.kind if isinstance(item, UserEvent) else item.type
 
 
 def _id_of(item: Item) -> str | None:
@@ -319,7 +319,7 @@ class Pipeline:
         return results
 
 
-_METRIC_TYPES = frozenset(kind.value for kind in EventKind)
+_METRIC_TYPES = frozenset(EventKind)
 
 
 def _report(entries: Sequence[Entry], results: Sequence[EventResult]) -> None:
@@ -330,16 +330,16 @@ def _report(entries: Sequence[Entry], results: Sequence[EventResult]) -> None:
     for (_, item), result in zip(entries, results, strict=True):
         event_type = "other"
         if isinstance(item, UserEvent):
-            event_type = item.kind.value
+            event_type = item.kind
             oldest = item.version[0] if oldest is None else min(oldest, item.version[0])
         elif isinstance(item, OtherEvent) and item.type in _METRIC_TYPES:
             event_type = item.type
-        counted.append((event_type, result.outcome.value))
+        counted.append((event_type, result.outcome))
     count_events(counted)
     if oldest is not None:
         observe_lag(oldest / 1_000_000)
     if log.isEnabledFor(logging.INFO):
         log.info(
             "batch committed",
-            extra={"fields": {"events": [[result.id, result.outcome.value] for result in results]}},
+            extra={"fields": {"events": [[result.id, result.outcome] for result in results]}},
         )
