@@ -253,9 +253,10 @@ SELECT 'event', event_id, NULL, NULL, NULL, NULL
 #
 # The users it changes are locked in user_id order and must still be the row versions it read; if another
 # writer changed one in between, relay_write_conflict() fails the statement and the batch runs again from
-# fresh facts. Every batch, from any replica, takes its locks in the same order (ledger ids, then known users,
-# then new users, each sorted), so concurrent batches queue on each other instead of deadlocking. A user seen
-# as new by two batches at once is inserted by one; the other fails on the primary key and runs again.
+# fresh facts. Every batch, from any replica, takes its locks in the same order (known users, then ledger ids,
+# then new users, each sorted: the branches of the final SELECT run in turn, and the INSERT that nothing reads
+# runs last), so concurrent batches queue on each other instead of deadlocking. A user seen as new by two
+# batches at once is inserted by one; the other fails on the primary key and runs again.
 WRITE_BATCH = """
 WITH locked AS (
     SELECT user_id, xmin::text AS row_version
@@ -312,12 +313,12 @@ WITH locked AS (
      WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(resolved_letters)s::jsonb)::bigint))
        AND resolved_at IS NULL
 )
+SELECT 'conflict', relay_write_conflict() WHERE (SELECT count(*) FROM changed) <> %(changed_count)s
+ UNION ALL
 SELECT 'event', event_id FROM recorded
  UNION ALL
 -- Identity values rise in insertion order, so the ids returned, sorted, match the letters given.
 SELECT 'letter', id::text FROM letters
- UNION ALL
-SELECT 'conflict', relay_write_conflict() WHERE (SELECT count(*) FROM changed) <> %(changed_count)s
 """
 
 
