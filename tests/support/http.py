@@ -113,12 +113,14 @@ class RelayProcess:
     url: str
     process: subprocess.Popen[bytes]
     log: Path  # what the process writes, stdout and stderr together
+    _kept: str | None = None  # the log, kept once the process has stopped and the file is gone
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=15)
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """Everything the process wrote so far (all of it, once it has stopped)."""
+        return self._kept if self._kept is not None else self.log.read_text(errors="replace")
 
 
 @contextlib.contextmanager
@@ -160,6 +162,7 @@ def running_relay(env: Mapping[str, str], *, startup_seconds: float = 30) -> Ite
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            relay._kept = relay.output()
 
 
 def relay_command(database: Database, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
