@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import OTHER_SECRET, REPO, SIGNING_SECRET, fixture, relay_environment, running_relay
+from tests.support import REPO
+from tests.support.events import fixture
+from tests.support.http import OTHER_SECRET, SIGNING_SECRET, relay_environment, running_relay
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is needed to run the Action")

@@ -8,13 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
-import respx
 
 from relay.cli import main
-from tests.support import AUTH0_DOMAIN, AUTH0_ENVIRONMENT
+from tests.support.auth0 import ACCESS_TOKEN, AUTH0_DOMAIN, AUTH0_ENVIRONMENT, MANAGEMENT_API, management_api
 
 DOMAIN = AUTH0_DOMAIN
-API = f"https://{DOMAIN}/api/v2"
+API = MANAGEMENT_API
 STREAM_ID = "est_8Zq2Lw4Xn6Pv0Rt3Ys5Uk7"
 DELIVERIES = f"{API}/event-streams/{STREAM_ID}/deliveries"
 
@@ -29,12 +28,7 @@ def auth0_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def auth0() -> Any:
-    with respx.mock(assert_all_mocked=True) as router:
-        router.post(f"https://{DOMAIN}/oauth/token").mock(
-            return_value=httpx.Response(
-                200, json={"access_token": "management-token", "expires_in": 86400, "token_type": "Bearer"}
-            )
-        )
+    with management_api() as router:
         yield router
 
 
@@ -204,7 +198,7 @@ def test_redeliver_one_event(
     status, out, err = run(capsys, "redeliver", "--event-id", "evt_Aaaaaaaaaaaaaaaaaaaaa1")
 
     assert status == 0, err
-    assert route.calls[0].request.headers["authorization"] == "Bearer management-token"
+    assert route.calls[0].request.headers["authorization"] == f"Bearer {ACCESS_TOKEN}"
     assert out.strip() == (
         f"Auth0 accepted: event {FIRST['id']} will be delivered again to event stream {STREAM_ID}"
     )

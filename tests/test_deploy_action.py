@@ -3,7 +3,6 @@
 import hashlib
 import hmac
 import json
-import urllib.parse
 from typing import Any
 
 import httpx
@@ -12,13 +11,22 @@ import respx
 
 from relay.auth0.deploy import deploy_action
 from relay.cli import main
-from tests.support import OTHER_SECRET, REPO, SIGNING_SECRET
+from tests.support import REPO
+from tests.support.auth0 import (
+    ACCESS_TOKEN,
+    AUTH0_CLIENT_SECRET,
+    AUTH0_DOMAIN,
+    AUTH0_ENVIRONMENT,
+    MANAGEMENT_API,
+    TOKEN_REQUEST,
+    management_api,
+    mock_token,
+    requests_made,
+)
+from tests.support.http import OTHER_SECRET, SIGNING_SECRET
 
-DOMAIN = "acme.us.auth0.com"
-API = f"https://{DOMAIN}/api/v2"
-CLIENT_ID = "m2m-client-id-0123"
-CLIENT_SECRET = "m2m-client-secret-abcdefghijklmnop"
-ACCESS_TOKEN = "management-api-access-token"
+DOMAIN = AUTH0_DOMAIN
+API = MANAGEMENT_API
 RELAY_URL = "https://relay.example.net/auth0-sync"
 NAME = "user-sync-relay"
 ACTION_ID = "7a1c3e5f-0b2d-4f6a-8c9e-1d3f5a7b9c0e"
@@ -27,27 +35,10 @@ OTHER_ACTION_ID = "00000000-1111-4222-8333-444444444444"
 SOURCE = (REPO / "action" / "forward-to-relay.js").read_text()
 FINGERPRINT_PREFIX = "// relay deploy-action: secrets fingerprint (HMAC keyed by the signing secret) "
 
-ENVIRONMENT = {
-    "AUTH0_DOMAIN": DOMAIN,
-    "AUTH0_CLIENT_ID": CLIENT_ID,
-    "AUTH0_CLIENT_SECRET": CLIENT_SECRET,
-    "RELAY_URL": RELAY_URL,
-    "RELAY_SIGNING_SECRET": SIGNING_SECRET,
-}
+ENVIRONMENT = {**AUTH0_ENVIRONMENT, "RELAY_URL": RELAY_URL, "RELAY_SIGNING_SECRET": SIGNING_SECRET}
 ROTATING = {**ENVIRONMENT, "RELAY_SIGNING_SECRET_PREVIOUS": OTHER_SECRET}
-SECRET_VALUES = (RELAY_URL, SIGNING_SECRET, OTHER_SECRET, CLIENT_SECRET)
+SECRET_VALUES = (RELAY_URL, SIGNING_SECRET, OTHER_SECRET, AUTH0_CLIENT_SECRET)
 
-TOKEN_REQUEST = (
-    "POST",
-    "/oauth/token",
-    {},
-    {
-        "grant_type": "client_credentials",
-        "client_id": CLIENT_ID,
-        "client_secret": CLIENT_SECRET,
-        "audience": f"https://{DOMAIN}/api/v2/",
-    },
-)
 FIND_ACTION = (
     "GET",
     "/api/v2/actions/actions",
@@ -116,32 +107,10 @@ def streams_page(*streams: dict[str, Any]) -> dict[str, Any]:
     return {"eventStreams": list(streams), "next": None}
 
 
-def requests_made(mock: respx.MockRouter) -> list[tuple[str, str, dict[str, str], Any]]:
-    """Every request, as (method, path, query, body): JSON decoded, the token request's form decoded."""
-    made = []
-    for call in mock.calls:
-        request = call.request
-        body: Any = None
-        if request.content:
-            if request.headers["content-type"].startswith("application/x-www-form-urlencoded"):
-                body = dict(urllib.parse.parse_qsl(request.content.decode()))
-            else:
-                body = json.loads(request.content)
-        made.append((request.method, request.url.path, dict(request.url.params), body))
-    return made
-
-
-def token_endpoint(mock: respx.MockRouter) -> None:
-    mock.post(f"https://{DOMAIN}/oauth/token").respond(
-        200, json={"access_token": ACCESS_TOKEN, "expires_in": 86400, "token_type": "Bearer"}
-    )
-
-
 @pytest.fixture
 def auth0():
     """The tenant's API, with a working token endpoint; every route a test adds must be called."""
-    with respx.mock(assert_all_called=True, assert_all_mocked=True) as mock:
-        token_endpoint(mock)
+    with management_api(assert_all_called=True) as mock:
         yield mock
 
 
@@ -486,7 +455,7 @@ def test_429_gives_up_after_a_bounded_number_of_attempts(auth0, capsys):
 )
 def test_refused_token_names_the_scope(answer, expected, capsys):
     with respx.mock(assert_all_called=True) as auth0:
-        auth0.post(f"https://{DOMAIN}/oauth/token").mock(return_value=answer)
+        mock_token(auth0, answer)
 
         status, _ = deploy()
 
@@ -523,8 +492,7 @@ def test_refused_request_names_the_missing_scope(auth0, capsys, status_code):
 
 def test_second_run_with_nothing_changed_writes_nothing(capsys):
     """Run once against an empty tenant, then again against the tenant as the first run left it."""
-    with respx.mock(assert_all_called=True) as auth0:
-        token_endpoint(auth0)
+    with management_api(assert_all_called=True) as auth0:
         routes = fresh_tenant(auth0, build=[httpx.Response(200, json={"id": ACTION_ID, "status": "built"})])
         auth0.post(f"{API}/actions/actions/{ACTION_ID}/deploy").respond(
             202, json={"id": "ver_1", "number": 1}
@@ -546,8 +514,7 @@ def test_second_run_with_nothing_changed_writes_nothing(capsys):
         "status": "built",
         "all_changes_deployed": True,
     }
-    with respx.mock(assert_all_called=True) as auth0:
-        token_endpoint(auth0)
+    with management_api(assert_all_called=True) as auth0:
         auth0.get(f"{API}/actions/actions").respond(200, json=actions_page(as_left))
         auth0.get(f"{API}/event-streams").respond(200, json=streams_page({"id": STREAM_ID, **sent_stream}))
 

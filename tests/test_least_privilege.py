@@ -8,7 +8,6 @@ import contextlib
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import TestDatabase as Database  # aliased: pytest would try to collect Test*
-from tests.support import REPO, encode, fixture, relay_environment, running_relay
-from tests.test_http import assert_stored_as_sent, deliver, outcomes, row_counts
+from tests.support import REPO
+from tests.support.database import Database, assert_stored_as_sent, row_counts
+from tests.support.events import encode, fixture
+from tests.support.http import deliver, outcomes, relay_command, relay_environment, running_relay
 
 pytestmark = pytest.mark.integration
 
@@ -98,17 +98,6 @@ def least_privilege_roles(admin_conninfo: str) -> Iterator[Roles]:
                     conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def relay_command(conninfo: str, schema: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args],
-        env=relay_environment(conninfo, schema),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def refused(conninfo: str, schema: str, statement: str) -> bool:
     """Whether PostgreSQL refuses `statement` to this role for lack of privilege."""
     with psycopg.connect(conninfo, autocommit=True, options=f"-c search_path={schema}") as conn:
@@ -121,7 +110,7 @@ def refused(conninfo: str, schema: str, statement: str) -> bool:
 
 def test_the_relay_runs_as_a_runtime_role_that_cannot_change_the_schema(database_server: str) -> None:
     with least_privilege_roles(database_server) as roles:
-        migrated = relay_command(roles.migrator_conninfo, roles.schema, "migrate")
+        migrated = relay_command(Database(roles.migrator_conninfo, roles.schema), "migrate")
         assert migrated.returncode == 0, migrated.stderr
         assert "applied 0001_users" in migrated.stdout
 
@@ -147,7 +136,7 @@ def test_the_relay_runs_as_a_runtime_role_that_cannot_change_the_schema(database
         # The operator commands that write (UPDATE and DELETE) work as the runtime role too.
         database.query("UPDATE processed_events SET received_at = now() - interval '2 days'")
         database.query("UPDATE dead_letters SET resolved_at = now() - interval '2 days'")
-        pruned = relay_command(roles.runtime_conninfo, roles.schema, "prune", "--older-than", "1d")
+        pruned = relay_command(Database(roles.runtime_conninfo, roles.schema), "prune", "--older-than", "1d")
         assert pruned.returncode == 0, pruned.stderr
         assert row_counts(database) == {"users": 1, "processed_events": 0, "dead_letters": 0}
 
@@ -162,7 +151,7 @@ def test_the_relay_runs_as_a_runtime_role_that_cannot_change_the_schema(database
 
 def test_tables_a_later_migration_creates_are_usable_by_the_runtime_role(database_server: str) -> None:
     with least_privilege_roles(database_server) as roles:
-        assert relay_command(roles.migrator_conninfo, roles.schema, "migrate").returncode == 0
+        assert relay_command(Database(roles.migrator_conninfo, roles.schema), "migrate").returncode == 0
         with psycopg.connect(
             roles.migrator_conninfo, autocommit=True, options=f"-c search_path={roles.schema}"
         ) as conn:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import pytest
 
 from relay.settings import Settings
-from tests.support import REPO, fixture
-
-if TYPE_CHECKING:
-    from tests.conftest import TestDatabase
+from tests.support import REPO
+from tests.support.database import Database
+from tests.support.events import fixture
 
 README_SCHEMA = "auth0"
 
@@ -63,7 +62,7 @@ def profiles_the_examples_should_find() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def directory(database: TestDatabase) -> TestDatabase:
+def directory(database: Database) -> Database:
     database.query(
         "INSERT INTO users (user_id, profile) "
         "SELECT profile ->> 'user_id', profile FROM jsonb_array_elements(%s::jsonb) AS profile",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,10 +19,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from relay.migrations import available_migrations
-from tests.support import REPO, relay_environment
-
-if TYPE_CHECKING:
-    from tests.conftest import TestDatabase
+from tests.support import REPO
+from tests.support.database import Database
+from tests.support.http import relay_environment
 
 RELAY_TABLES = ("users", "processed_events", "dead_letters", "schema_migrations", "live_users")
 
@@ -204,7 +203,7 @@ def test_unreachable_database_is_a_short_clear_error_without_traceback():
     assert password not in result.stderr + result.stdout
 
 
-def column_types(database: TestDatabase, table: str) -> dict[str, str]:
+def column_types(database: Database, table: str) -> dict[str, str]:
     rows = database.query(
         "SELECT column_name, data_type FROM information_schema.columns "
         "WHERE table_schema = %s AND table_name = %s",
@@ -213,7 +212,7 @@ def column_types(database: TestDatabase, table: str) -> dict[str, str]:
     return {name: data_type for name, data_type in rows}
 
 
-def primary_key(database: TestDatabase, table: str) -> list[str]:
+def primary_key(database: Database, table: str) -> list[str]:
     rows = database.query(
         "SELECT kcu.column_name FROM information_schema.table_constraints tc "
         "JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name) "
@@ -396,7 +395,7 @@ def test_trigger_rederives_typed_columns_when_profile_is_updated(database):
     ]
 
 
-def plan_of(database: TestDatabase, query: str) -> str:
+def plan_of(database: Database, query: str) -> str:
     """EXPLAIN output with sequential scans priced out, so any usable index is chosen."""
     with psycopg.connect(
         database.conninfo, autocommit=True, options=f"-c search_path={database.schema} -c enable_seqscan=off"
@@ -404,12 +403,12 @@ def plan_of(database: TestDatabase, query: str) -> str:
         return "\n".join(row[0] for row in conn.execute(f"EXPLAIN {query}").fetchall())
 
 
-def user_ids(database: TestDatabase, query: str) -> list[str]:
+def user_ids(database: Database, query: str) -> list[str]:
     return [row[0] for row in database.query(query.replace("SELECT *", "SELECT user_id") + " ORDER BY 1")]
 
 
 @pytest.fixture
-def directory(database: TestDatabase) -> TestDatabase:
+def directory(database: Database) -> Database:
     """A few users with differing emails, metadata and identities, analysed so the planner knows them."""
     people = [
         ("auth0|1", "Ada@Example.com", {"plan": "pro"}, {"theme": "dark"}, "auth0", "Username-Password"),

@@ -22,14 +22,23 @@ import pytest
 import respx
 
 from relay.cli import main
-from tests.support import REPO, SIGNING_SECRET, fixture, relay_environment, running_relay
+from tests.support import REPO
+from tests.support.auth0 import (
+    AUTH0_CLIENT_SECRET,
+    AUTH0_DOMAIN,
+    AUTH0_ENVIRONMENT,
+    MANAGEMENT_API,
+    management_api,
+)
+from tests.support.database import Database
+from tests.support.events import fixture
+from tests.support.http import SIGNING_SECRET, relay_environment, running_relay
 
 NODE = shutil.which("node")
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(NODE is None, reason="node runs the Action")]
 
-DOMAIN = "acme.us.auth0.com"
-API = f"https://{DOMAIN}/api/v2"
-CLIENT_SECRET = "m2m-client-secret-abcdefghijklmnop"
+DOMAIN = AUTH0_DOMAIN
+API = MANAGEMENT_API
 CONNECTION = "Username-Password-Authentication"
 USER_URL = re.compile(rf"{re.escape(API)}/users/(?P<quoted_id>[^/?]+)")
 
@@ -121,26 +130,23 @@ class FakeTenant:
 
 
 @pytest.fixture
-def relay_url(database: Any) -> Iterator[str]:
+def relay_url(database: Database) -> Iterator[str]:
     # Started before respx is switched on: its readiness check uses httpx too.
     with running_relay(relay_environment(database.conninfo, database.schema)) as relay:
         yield relay.url
 
 
 @pytest.fixture
-def verify_environment(database: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def verify_environment(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """What an operator sets for `relay verify`: the relay's database and the Management API credentials."""
     monkeypatch.setenv("DATABASE_URL", database.conninfo)
     monkeypatch.setenv("RELAY_DB_SCHEMA", database.schema)
-    monkeypatch.setenv("AUTH0_DOMAIN", DOMAIN)
-    monkeypatch.setenv("AUTH0_CLIENT_ID", "m2m-client-id-0123")
-    monkeypatch.setenv("AUTH0_CLIENT_SECRET", CLIENT_SECRET)
+    for name, value in AUTH0_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
 
 
 def play_management_api(mock: respx.MockRouter, tenant: FakeTenant) -> dict[str, respx.Route]:
-    mock.post(f"https://{DOMAIN}/oauth/token").respond(
-        200, json={"access_token": "token", "expires_in": 86400}
-    )
+    """The user routes of the tenant, on a router whose token endpoint answers already."""
     return {
         "create": mock.post(f"{API}/users").mock(side_effect=tenant.create_user),
         "update": mock.patch(url__regex=USER_URL).mock(side_effect=tenant.update_user),
@@ -152,7 +158,7 @@ def test_verify_sees_created_updated_and_deleted_in_postgresql(
     relay_url, database, verify_environment, capsys
 ):
     tenant = FakeTenant(relay_url)
-    with respx.mock(assert_all_called=True, assert_all_mocked=True) as auth0:
+    with management_api(assert_all_called=True) as auth0:
         routes = play_management_api(auth0, tenant)
 
         status = main(["verify", "--connection", CONNECTION, "--timeout", "20"])
@@ -190,14 +196,14 @@ def test_verify_sees_created_updated_and_deleted_in_postgresql(
     assert re.fullmatch(rf"user\.deleted: tombstone in {database.schema}\.users after \d+\.\d s", lines[4])
     assert lines[5].startswith("synchronization verified")
     assert created["password"] not in captured.out + captured.err
-    assert CLIENT_SECRET not in captured.out + captured.err
+    assert AUTH0_CLIENT_SECRET not in captured.out + captured.err
 
 
 def test_a_change_that_never_arrives_times_out_naming_the_step_and_deletes_the_user(
     relay_url, database, verify_environment, capsys
 ):
     tenant = FakeTenant(relay_url, deliver_updates=False)
-    with respx.mock(assert_all_called=True, assert_all_mocked=True) as auth0:
+    with management_api(assert_all_called=True) as auth0:
         routes = play_management_api(auth0, tenant)
 
         status = main(["verify", "--connection", CONNECTION, "--timeout", "1.5"])
@@ -224,10 +230,7 @@ def test_a_change_that_never_arrives_times_out_naming_the_step_and_deletes_the_u
 def test_a_refused_user_creation_names_the_scope_and_leaves_nothing_to_clean_up(
     database, verify_environment, capsys
 ):
-    with respx.mock(assert_all_called=True, assert_all_mocked=True) as auth0:
-        auth0.post(f"https://{DOMAIN}/oauth/token").respond(
-            200, json={"access_token": "t", "expires_in": 86400}
-        )
+    with management_api(assert_all_called=True) as auth0:
         auth0.post(f"{API}/users").respond(
             403,
             json={
@@ -250,7 +253,7 @@ def test_a_database_without_the_relays_tables_is_reported_before_anything_is_cre
     database, verify_environment, monkeypatch, capsys
 ):
     monkeypatch.setenv("RELAY_DB_SCHEMA", "no_such_schema")
-    with respx.mock(assert_all_mocked=True) as auth0:
+    with management_api() as auth0:
         status = main(["verify", "--connection", CONNECTION])
         assert not auth0.calls
 
