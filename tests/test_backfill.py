@@ -37,7 +37,7 @@ from relay.store import Pool
 from tests.support import REPO
 from tests.support.auth0 import MANAGEMENT_API, management_api
 from tests.support.database import Database, dead_letters, user_row
-from tests.support.events import BASE_TIME, cloudevent, encode, export_row, export_rows, ndjson
+from tests.support.events import BASE_TIME, encode, export_row, export_rows, ndjson, user_event
 from tests.support.properties import THROUGH_POSTGRESQL
 from tests.support.reference import (
     RowSpec,
@@ -334,10 +334,6 @@ async def apply(pipeline: Pipeline, *events: dict[str, Any]) -> list[str]:
     return [result.outcome.value for answers in results for result in answers]
 
 
-def live(event_id: str, kind: str, moment: Any, user_id: str, **fields: Any) -> dict[str, Any]:
-    return cloudevent(f"user.{kind}", id=event_id, time=moment, data_object={"user_id": user_id, **fields})
-
-
 def as_snapshot(row: dict[str, Any]) -> UserEvent:
     """An export row as the handlers see it: a `user.updated` full snapshot whose version is (its updated_at,
     or created_at when it has none; "backfill")."""
@@ -408,8 +404,8 @@ async def test_known_users_are_merged_by_the_handlers_with_the_same_result_as_in
     pipeline: Pipeline, pool: Pool, database: Database
 ) -> None:
     user_id = "auth0|known"
-    created = live("evt_created", "created", BASE_TIME, **export_row(user_id, BASE_TIME))
-    renamed = live("evt_renamed", "updated", BASE_TIME + timedelta(hours=2), user_id, name="Live name")
+    created = user_event("created", "evt_created", BASE_TIME, **export_row(user_id, BASE_TIME))
+    renamed = user_event("updated", "evt_renamed", BASE_TIME + timedelta(hours=2), user_id, name="Live name")
     assert await apply(pipeline, created, renamed) == ["applied", "applied"]
     row = export_row(user_id, BASE_TIME + timedelta(hours=1), nickname="from export")
 
@@ -447,7 +443,7 @@ async def test_backfill_never_revives_a_deleted_user(
 ) -> None:
     user_id = "auth0|deleted"
     deleted = BASE_TIME + timedelta(minutes=10)
-    assert await apply(pipeline, live("evt_delete", "deleted", deleted, user_id)) == ["tombstoned"]
+    assert await apply(pipeline, user_event("deleted", "evt_delete", deleted, user_id)) == ["tombstoned"]
 
     older = await load(pool, [export_row(user_id, deleted - timedelta(minutes=5))])
     newer = await load(pool, [export_row(user_id, deleted + timedelta(minutes=5), name="Snapshot name")])
@@ -467,8 +463,8 @@ async def test_backfill_never_overwrites_a_newer_event(
     event_time = BASE_TIME + timedelta(minutes=10)
     await apply(
         pipeline,
-        live("evt_created", "created", BASE_TIME, **export_row(user_id, BASE_TIME)),
-        live("evt_renamed", "updated", event_time, user_id, name="Renamed live"),
+        user_event("created", "evt_created", BASE_TIME, **export_row(user_id, BASE_TIME)),
+        user_event("updated", "evt_renamed", event_time, user_id, name="Renamed live"),
     )
 
     report = await load(
@@ -487,7 +483,7 @@ async def test_a_snapshot_newer_than_the_stored_state_replaces_it(
     pipeline: Pipeline, pool: Pool, database: Database
 ) -> None:
     user_id = "auth0|user00002"
-    await apply(pipeline, live("evt_created", "created", BASE_TIME, **export_row(user_id, BASE_TIME)))
+    await apply(pipeline, user_event("created", "evt_created", BASE_TIME, **export_row(user_id, BASE_TIME)))
     later = BASE_TIME + timedelta(hours=1)
 
     report = await load(
@@ -500,7 +496,7 @@ async def test_a_snapshot_newer_than_the_stored_state_replaces_it(
         [user_id],
     ) == [("changed@example.com", {"a": 1}, later, "backfill")]
     # A live event at the very same instant still wins the tie.
-    await apply(pipeline, live("evt_same_time", "updated", later, user_id, email="event@example.com"))
+    await apply(pipeline, user_event("updated", "evt_same_time", later, user_id, email="event@example.com"))
     assert database.query("SELECT email FROM users WHERE user_id = %s", [user_id]) == [("event@example.com",)]
 
 

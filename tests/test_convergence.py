@@ -22,7 +22,7 @@ from relay.handlers import UserState, apply_event
 from relay.pipeline import Delivery, Pipeline
 from relay.store import Pool
 from tests.support.database import Database
-from tests.support.events import BASE_TIME, cloudevent, encode
+from tests.support.events import BASE_TIME, encode, user_event
 from tests.support.properties import PURE, THROUGH_POSTGRESQL
 from tests.support.reference import Spec, assert_copy_matches, deliveries, reference_copy, to_cloudevents
 
@@ -138,15 +138,9 @@ async def test_group_commit_converges_with_concurrent_requests(
 # The rules one by one, each through the pipeline
 
 
-def user_event(event_id: str, kind: str, millis: int, **fields: Any) -> bytes:
-    return encode(
-        cloudevent(
-            f"user.{kind}",
-            id=event_id,
-            time=BASE_TIME + timedelta(milliseconds=millis),
-            data_object={"user_id": "auth0|fixed", **fields},
-        )
-    )
+def fixed_user(event_id: str, kind: str, millis: int, **fields: Any) -> bytes:
+    """An event for the one user these tests follow, as sent."""
+    return encode(user_event(kind, event_id, millis, "auth0|fixed", **fields))
 
 
 async def commit_in_order(pipeline: Pipeline, bodies: list[bytes]) -> list[str]:
@@ -160,8 +154,8 @@ async def commit_in_order(pipeline: Pipeline, bodies: list[bytes]) -> list[str]:
 
 @pytest.mark.anyio
 async def test_equal_times_are_broken_by_event_id(pipeline: Pipeline, database: Database) -> None:
-    later_id = user_event("evt_b", "updated", 5, name="from b")
-    earlier_id = user_event("evt_a", "updated", 5, name="from a")
+    later_id = fixed_user("evt_b", "updated", 5, name="from b")
+    earlier_id = fixed_user("evt_a", "updated", 5, name="from a")
     assert await commit_in_order(pipeline, [later_id, earlier_id]) == ["applied", "stale"]
     assert database.query("SELECT name, last_event_id FROM users") == [("from b", "evt_b")]
 
@@ -173,9 +167,9 @@ async def test_late_older_update_does_not_revive_a_deleted_user(
     outcomes = await commit_in_order(
         pipeline,
         [
-            user_event("evt_2", "deleted", 20),
-            user_event("evt_1", "updated", 10, email="old@example.com"),
-            user_event("evt_0", "created", 0, email="first@example.com"),
+            fixed_user("evt_2", "deleted", 20),
+            fixed_user("evt_1", "updated", 10, email="old@example.com"),
+            fixed_user("evt_0", "created", 0, email="first@example.com"),
         ],
     )
     assert outcomes == ["tombstoned", "stale", "stale"]
@@ -188,7 +182,7 @@ async def test_late_older_update_does_not_revive_a_deleted_user(
 async def test_newer_created_revives_a_tombstone(pipeline: Pipeline, database: Database) -> None:
     outcomes = await commit_in_order(
         pipeline,
-        [user_event("evt_3", "created", 30, email="back@example.com"), user_event("evt_2", "deleted", 20)],
+        [fixed_user("evt_3", "created", 30, email="back@example.com"), fixed_user("evt_2", "deleted", 20)],
     )
     assert outcomes == ["applied", "stale"]
     assert database.query("SELECT email, deleted_at FROM live_users") == [("back@example.com", None)]
@@ -202,8 +196,8 @@ async def test_scrub_mode_clears_personal_fields_but_keeps_the_tombstone(
     await commit_in_order(
         pipeline,
         [
-            user_event("evt_1", "updated", 10, email="jane@example.com", name="Jane", app_metadata={"a": 1}),
-            user_event("evt_2", "deleted", 20, deleted_at="2025-01-01T00:00:00.000Z"),
+            fixed_user("evt_1", "updated", 10, email="jane@example.com", name="Jane", app_metadata={"a": 1}),
+            fixed_user("evt_2", "deleted", 20, deleted_at="2025-01-01T00:00:00.000Z"),
         ],
     )
     [(email, name, app_metadata, profile, deleted_at)] = database.query(
@@ -221,8 +215,8 @@ async def test_partial_update_arriving_late_still_fills_fields_no_newer_event_wr
     await commit_in_order(
         pipeline,
         [
-            user_event("evt_2", "updated", 20, name="newer name"),
-            user_event("evt_1", "updated", 10, name="older name", nickname="nick"),
+            fixed_user("evt_2", "updated", 20, name="newer name"),
+            fixed_user("evt_1", "updated", 10, name="older name", nickname="nick"),
         ],
     )
     assert database.query("SELECT name, nickname, last_event_id FROM users") == [
@@ -236,10 +230,10 @@ async def test_one_batch_holding_a_whole_history_in_reverse_reads_as_one_by_one(
 ) -> None:
     """Within a batch, outcomes are decided in version order, whatever order the deliveries came in."""
     bodies = [
-        user_event("evt_3", "deleted", 30),
-        user_event("evt_2", "updated", 20, name="renamed"),
-        user_event("evt_1", "created", 10, name="first"),
-        user_event("evt_2", "updated", 20, name="renamed"),
+        fixed_user("evt_3", "deleted", 30),
+        fixed_user("evt_2", "updated", 20, name="renamed"),
+        fixed_user("evt_1", "created", 10, name="first"),
+        fixed_user("evt_2", "updated", 20, name="renamed"),
     ]
     results = await pipeline.commit([Delivery("webhook", decode_body(body)) for body in bodies])
 

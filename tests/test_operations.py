@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 OLD_ERROR = "an older relay version could not decode this"
 
 
-def user_event(number: int, kind: str = "created", **fields: Any) -> dict[str, Any]:
+def numbered(number: int, kind: str = "created", **fields: Any) -> dict[str, Any]:
+    """The `user.{kind}` fixture, made the event of user `auth0|ops-{number}`."""
     return cloudevent(
         f"user.{kind}", id=f"evt_ops{kind[0]}{number:018d}", user_id=f"auth0|ops-{number}", **fields
     )
@@ -92,7 +93,7 @@ STILL_FAILING = {
         "not a CloudEvent: Invalid RFC3339 encoded datetime - at `$.time`",
     ),
     "refused by PostgreSQL": (
-        encode(user_event(1, created_at="2025-01-01T00:00:00+20:00")),
+        encode(numbered(1, created_at="2025-01-01T00:00:00+20:00")),
         'PostgreSQL refused the event: time zone displacement out of range: "2025-01-01T00:00:00+20:00"',
     ),
 }
@@ -147,7 +148,7 @@ async def test_replay_of_an_event_already_applied_is_a_duplicate_and_resolves(
 
 
 def test_replay_of_an_array_applies_what_it_can_and_keeps_the_rest_unresolved(database: Database) -> None:
-    good = user_event(1)
+    good = numbered(1)
     bad = {"id": "evt_no_time", "type": "user.updated", "data": {"object": {"user_id": "auth0|x"}}}
     letter_id = insert_dead_letter(database, encode([good, bad]))
 
@@ -168,7 +169,7 @@ def test_replay_without_ids_takes_every_unresolved_dead_letter_once_and_no_resol
     # More than one page of unresolved dead letters, with resolved ones in between that must stay untouched.
     unresolved, resolved = [], []
     for number in range(230):
-        event = user_event(number)
+        event = numbered(number)
         if number % 10 == 3:
             resolved.append(event)
             insert_dead_letter(database, encode(event), resolved_ago=timedelta(hours=1))
@@ -318,8 +319,8 @@ async def apply_in_order(
 async def test_prune_deletes_old_ledger_rows_and_old_resolved_dead_letters_and_keeps_tombstones(
     pool: Pool, database: Database
 ) -> None:
-    old_events = [user_event(number) for number in range(5)] + [user_event(0, "deleted")]
-    recent = user_event(9)
+    old_events = [numbered(number) for number in range(5)] + [numbered(0, "deleted")]
+    recent = numbered(9)
     outcomes = await apply_in_order(pool, database, [*old_events, recent], "soft")
     assert outcomes == ["applied"] * 5 + ["tombstoned", "applied"]
     database.query(

@@ -26,7 +26,7 @@ from relay.handlers import Outcome
 from relay.pipeline import Delivery, EventResult, Pipeline, decide
 from relay.store import LedgerRow, NewDeadLetter, Pool, ReplayFailure, StoredUser, create_pool
 from tests.support.database import Database, StoredLetter, dead_letters, migrated_schema
-from tests.support.events import BASE_TIME, cloudevent, encode, fixture, new_users
+from tests.support.events import BASE_TIME, cloudevent, encode, fixture, new_users, user_event
 from tests.support.http import deliver, relay_environment, running_relay
 
 pytestmark = pytest.mark.integration
@@ -38,27 +38,18 @@ class InjectedFault(Exception):
     """Raised by the test's stand-in for `apply_event`, for one marked event only."""
 
 
-def user_event(event_id: str, kind: str, millis: int, user: str, **fields: Any) -> dict[str, Any]:
-    return cloudevent(
-        f"user.{kind}",
-        id=event_id,
-        time=BASE_TIME + timedelta(milliseconds=millis),
-        data_object={"user_id": f"auth0|{user}", **fields},
-    )
-
-
-MARKED = user_event("evt_marked", "updated", 20, "ann", name="from the marked event", nickname="marked")
+MARKED = user_event("updated", "evt_marked", 20, "auth0|ann", name="from the marked event", nickname="marked")
 
 
 def batch_without(marked: dict[str, Any] | None) -> list[Delivery]:
     """Five deliveries for one batch: three users' histories in no particular order, the marked event's own
     user among them (before and after it), a test event, an undecodable item and a duplicate; the marked
     event alone in a delivery of its own when given."""
-    ann_created = user_event("evt_ann_1", "created", 10, "ann", email="ann@example.com", name="Ann")
-    ann_renamed = user_event("evt_ann_3", "updated", 30, "ann", name="Ann B.")
-    bo_created = user_event("evt_bo_1", "created", 15, "bo", email="bo@example.com")
-    bo_deleted = user_event("evt_bo_2", "deleted", 25, "bo")
-    cy_created = user_event("evt_cy_1", "created", 5, "cy", email="cy@example.com")
+    ann_created = user_event("created", "evt_ann_1", 10, "auth0|ann", email="ann@example.com", name="Ann")
+    ann_renamed = user_event("updated", "evt_ann_3", 30, "auth0|ann", name="Ann B.")
+    bo_created = user_event("created", "evt_bo_1", 15, "auth0|bo", email="bo@example.com")
+    bo_deleted = user_event("deleted", "evt_bo_2", 25, "auth0|bo")
+    cy_created = user_event("created", "evt_cy_1", 5, "auth0|cy", email="cy@example.com")
     bodies = [
         ("webhook", encode([ann_renamed, bo_created])),
         ("action", encode(cy_created)),
@@ -265,9 +256,9 @@ def decoded(*events: dict[str, Any]) -> list[Any]:
 
 
 def test_decide_settles_a_batch_in_version_order_whatever_order_it_came_in() -> None:
-    created = user_event("evt_1", "created", 10, "ann", email="ann@example.com")
-    renamed = user_event("evt_2", "updated", 20, "ann", name="Ann")
-    deleted = user_event("evt_3", "deleted", 30, "ann")
+    created = user_event("created", "evt_1", 10, "auth0|ann", email="ann@example.com")
+    renamed = user_event("updated", "evt_2", 20, "auth0|ann", name="Ann")
+    deleted = user_event("deleted", "evt_3", 30, "auth0|ann")
     delivery = Delivery("webhook", decoded(deleted, renamed, fixture("test-event"), created, renamed))
     entries = [(delivery, item) for item in delivery.items]
 
@@ -299,8 +290,8 @@ def test_decide_settles_a_batch_in_version_order_whatever_order_it_came_in() -> 
 def test_decide_keeps_what_the_ledger_knows_as_duplicates_and_changes_a_known_user_at_its_row_version() -> (
     None
 ):
-    seen = user_event("evt_seen", "updated", 10, "ann", name="seen")
-    new = user_event("evt_new", "updated", 20, "ann", nickname="new")
+    seen = user_event("updated", "evt_seen", 10, "auth0|ann", name="seen")
+    new = user_event("updated", "evt_new", 20, "auth0|ann", nickname="new")
     delivery = Delivery("webhook", decoded(seen, new))
     known = StoredUser(
         {"user_id": "auth0|ann", "name": "stored"},
@@ -343,7 +334,7 @@ def test_decide_keeps_an_undecodable_item_with_its_diagnostic_headers_only() -> 
 
 
 def test_decide_resolves_a_replayed_letter_only_when_all_its_items_went_in_and_else_records_why() -> None:
-    good = user_event("evt_good", "created", 10, "ann")
+    good = user_event("created", "evt_good", 10, "auth0|ann")
     whole = Delivery("webhook", decoded(good), replaying=7)
     failing = Delivery("webhook", [*decoded(good), Undecodable(b"x", "broken")], replaying=8)
 

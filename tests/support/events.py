@@ -61,6 +61,13 @@ def cloudevent(
     return built
 
 
+def user_event(kind: str, event_id: str, at: datetime | int, user_id: str, **fields: Any) -> dict[str, Any]:
+    """A `user.{kind}` event whose `data.object` is `user_id` and `fields` only: a partial object, unless the
+    fields make it a full snapshot. `at` is its time, or milliseconds after BASE_TIME."""
+    moment = at if isinstance(at, datetime) else BASE_TIME + timedelta(milliseconds=at)
+    return cloudevent(f"user.{kind}", id=event_id, time=moment, data_object={"user_id": user_id, **fields})
+
+
 def new_users(tag: str, count: int, **changes: Any) -> Iterator[dict[str, Any]]:
     """`count` user.created events, each for a user of its own: `auth0|{tag}-{n}`, event `evt_{tag}{n:08d}`,
     email `user{n}@{tag}.example`, a millisecond apart."""

@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from tests.support.database import Database
-from tests.support.events import BASE_TIME, cloudevent, iso
+from tests.support.events import BASE_TIME, iso, user_event
 
 # DESIGN.md, promise 4: an object carrying all of these is a full snapshot.
 SNAPSHOT_FIELDS = ("user_id", "created_at", "updated_at", "identities")
@@ -115,17 +115,18 @@ def deliveries(draw: st.DrawFn, max_events: int = 14) -> tuple[list[Spec], list[
 
 def to_cloudevents(history: list[Spec], prefix: str) -> list[dict[str, Any]]:
     """Gives each spec an id and turns it into the CloudEvent Auth0 would send."""
-    return [
-        cloudevent(
-            "user.created" if spec.kind == "test" else f"user.{spec.kind}",
-            # Ids drawn at random, so that equal times are broken in no particular pattern.
-            id=f"evt_{prefix}{secrets.token_hex(4)}{number:03d}",
-            time=BASE_TIME + timedelta(milliseconds=spec.millis),
-            a0purpose="test" if spec.kind == "test" else ...,
-            data_object={"user_id": user_id_of(prefix, spec.user), **spec.fields},
-        )
-        for number, spec in enumerate(history)
-    ]
+    events = []
+    for number, spec in enumerate(history):
+        # Ids drawn at random, so that equal times are broken in no particular pattern.
+        event_id = f"evt_{prefix}{secrets.token_hex(4)}{number:03d}"
+        user_id = user_id_of(prefix, spec.user)
+        if spec.kind == "test":
+            events.append(
+                user_event("created", event_id, spec.millis, user_id, **spec.fields) | {"a0purpose": "test"}
+            )
+        else:
+            events.append(user_event(spec.kind, event_id, spec.millis, user_id, **spec.fields))
+    return events
 
 
 def to_export_rows(rows: list[RowSpec], prefix: str) -> list[dict[str, Any]]:
