@@ -10,15 +10,21 @@ import asyncio
 import base64
 import json
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 
+from relay.app import create_app
 from relay.embedded import start_embedded
 from relay.migrations import latest_version, migrate
+from relay.pipeline import Delivery, EventResult, Pipeline
 from tests.support.database import (
     NOTHING_STORED,
     Database,
@@ -436,6 +442,76 @@ def test_body_up_to_the_limit_is_accepted(
 
     assert outcomes(deliver(small_client, route, body, event["id"])) == ["applied"]
     assert_stored_as_sent(clean_database, event)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 405, 408, and 503 for the unforeseen
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_only_post_is_allowed_on_the_event_routes(
+    client: httpx.Client, clean_database: Database, route: str, method: str
+) -> None:
+    response = client.request(method, f"/events/{route}", headers=credentials(route, b"", "evt_1"))
+
+    assert (response.status_code, response.headers["allow"], response.json()) == (
+        405,
+        "POST",
+        {"error": "use POST"},
+    )
+    assert row_counts(clean_database) == NOTHING_STORED
+
+
+def test_a_body_that_does_not_arrive_is_answered_408() -> None:
+    """A sender that announces a body and stalls is cut off (after 10 s), not left to hold the connection.
+    No database is needed to hear it: the body is read before anything is stored."""
+    env = relay_environment("postgresql://relay@127.0.0.1:9/nowhere", "auth0")
+    with running_relay(env) as relay:
+        address = urlsplit(relay.url)
+        with socket.create_connection((address.hostname, address.port), timeout=30) as stalled:
+            stalled.sendall(
+                b"POST /events/webhook HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {WEBHOOK_TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+                + b'{"id": "evt_'
+            )
+            answer = b""
+            while b"}" not in answer.partition(b"\r\n\r\n")[2]:
+                chunk = stalled.recv(4096)
+                assert chunk, f"connection closed without an answer: {answer!r}"
+                answer += chunk
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body) == {"error": "body not received within 10 s"}
+
+
+@pytest.mark.anyio
+async def test_an_unforeseen_error_is_answered_503_and_counted_never_500(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the relay's own code (injected here) leaves nothing committed: Auth0 may retry, and a 500
+    would only count toward disabling the stream."""
+
+    async def broken(self: Pipeline, delivery: Delivery) -> list[EventResult]:
+        raise RuntimeError("a bug in the relay's own code")
+
+    monkeypatch.setattr(Pipeline, "deliver", broken)
+    internal = {"cause": "internal"}
+    before = REGISTRY.get_sample_value("relay_unavailable_total", internal) or 0
+    app = create_app(database.with_settings(webhook_tokens=(WEBHOOK_TOKEN,)), database.conninfo)
+    async with AsyncTestClient(app) as client:
+        response = await client.post(
+            "/events/webhook",
+            content=encode(fixture("user.created")),
+            headers=credentials("webhook", b"", ""),
+        )
+
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert response.json() == {"error": "the relay could not take the events; retry later"}
+    assert (REGISTRY.get_sample_value("relay_unavailable_total", internal) or 0) == before + 1
+    assert row_counts(database) == NOTHING_STORED
 
 
 # ---------------------------------------------------------------------------------------------------------
