@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from relay import pipeline as pipeline_module
@@ -347,3 +348,51 @@ def test_decide_resolves_a_replayed_letter_only_when_all_its_items_went_in_and_e
         [ReplayFailure(8, "broken")],
     )
     assert still_failing.writes.dead_letters == []  # no second copy of the body
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Another writer between a batch's read and its write
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_user_changes_under_it_is_merged_again_and_then_holds_its_users(
+    pool: Pool, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch reads without locks, decides, then writes only if its users are still as it read them. Here
+    another writer (an operator's UPDATE) changes the user after every read: the first time it gets in, and
+    the batch runs again from fresh facts, keeping the operator's change; from then on the batch holds the
+    user locked from read to write, so the operator's next attempts wait (and give up, after a short
+    lock_timeout) and the batch commits."""
+    pipeline = Pipeline(pool, database.settings)
+    created = user_event("created", "evt_1", 10, "auth0|ann", email="ann@example.com")
+    await pipeline.commit([Delivery("webhook", decode_body(encode(created)))])
+    operator_writes: list[str] = []
+
+    def decide_while_an_operator_writes(*arguments: Any) -> Any:
+        with psycopg.connect(
+            database.conninfo, autocommit=True, options=f"-c search_path={database.schema}"
+        ) as operator:
+            operator.execute("SET lock_timeout = '200ms'")
+            try:
+                operator.execute(
+                    "UPDATE users SET profile = profile || '{\"blocked\": true}' WHERE user_id = 'auth0|ann'"
+                )
+                operator_writes.append("written")
+            except psycopg.errors.LockNotAvailable:
+                operator_writes.append("waited for the batch's lock")
+        return decide(*arguments)
+
+    monkeypatch.setattr(pipeline_module, "decide", decide_while_an_operator_writes)
+    renamed = user_event("updated", "evt_2", 20, "auth0|ann", nickname="annie")
+    [[result]] = await pipeline.commit([Delivery("webhook", decode_body(encode(renamed)))])
+
+    assert result == EventResult("evt_2", Outcome.APPLIED)
+    assert operator_writes == ["written", "waited for the batch's lock"]
+    [(profile, last_event_id)] = database.query("SELECT profile, last_event_id FROM users")
+    assert profile == {
+        "user_id": "auth0|ann",
+        "email": "ann@example.com",
+        "blocked": True,
+        "nickname": "annie",
+    }
+    assert last_event_id == "evt_2"
