@@ -43,9 +43,9 @@ MARKED = user_event("updated", "evt_marked", 20, "auth0|ann", name="from the mar
 
 
 def batch_without(marked: dict[str, Any] | None) -> list[Delivery]:
-    """Five deliveries for one batch: three users' histories in no particular order, the marked event's own
-    user among them (before and after it), a test event, an undecodable item and a duplicate; the marked
-    event alone in a delivery of its own when given."""
+    """Four deliveries for one batch: three users' histories in no particular order (the marked event's user
+    among them, with events before and after it), a test event, an undecodable item and a duplicate; then,
+    when given, the marked event alone in a fifth delivery."""
     ann_created = user_event("created", "evt_ann_1", 10, "auth0|ann", email="ann@example.com", name="Ann")
     ann_renamed = user_event("updated", "evt_ann_3", 30, "auth0|ann", name="Ann B.")
     bo_created = user_event("created", "evt_bo_1", 15, "auth0|bo", email="bo@example.com")
@@ -134,7 +134,7 @@ async def test_an_event_whose_merge_raises_is_a_dead_letter_and_its_batch_is_as_
 
     # One batch: one commit, one log line naming every item of it.
     [batch] = batches
-    assert len(batch.fields["events"]) == sum(len(delivery) for delivery in batch_without(MARKED))  # type: ignore[attr-defined]
+    assert len(batch.fields["events"]) == sum(len(delivery) for delivery in batch_without(MARKED))
     # The marked event: a dead letter holding exactly its bytes, saying which exception it met.
     assert list(results[-1]) == [EventResult(MARKED["id"], Outcome.DEAD_LETTERED, 2, MERGE_ERROR)]
     assert dead_letters(database) == [
@@ -144,7 +144,7 @@ async def test_an_event_whose_merge_raises_is_a_dead_letter_and_its_batch_is_as_
     # Every other delivery's results, and everything written, exactly as without the marked event.
     assert [list(answers) for answers in results[:-1]] == [list(answers) for answers in expected]
     assert stored(database) == stored(control)
-    assert [outcome for _, outcome in batch.fields["events"]] == [  # type: ignore[attr-defined]
+    assert [outcome for _, outcome in batch.fields["events"]] == [
         result.outcome.value for answers in results for result in answers
     ]
 
@@ -164,7 +164,6 @@ async def test_a_replayed_event_whose_merge_raises_keeps_its_letter_unresolved_w
     results = await Pipeline(pool, database.settings).commit([replayed, *batch_without(None)])
 
     [result] = results[0]
-
     assert result == EventResult(MARKED["id"], Outcome.DEAD_LETTERED, letter_id, MERGE_ERROR)
     assert [(letter.id, letter.error, letter.resolved) for letter in dead_letters(database)] == [
         (letter_id, MERGE_ERROR, False),
