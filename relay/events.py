@@ -129,6 +129,7 @@ class Undecodable(Struct, frozen=True):
     raw: bytes
     reason: str
     origin: Origin | None = None  # None: not even the envelope could be read
+    id: str | None = None  # the event's id, when the envelope could be read
 
 
 Item = UserEvent | OtherEvent | Undecodable
@@ -209,7 +210,7 @@ def decode_event(raw: bytes) -> Item:
     origin = Origin(event.a0tenant, event.a0stream)
     # The byte search is cheap and almost always false; only then is the event searched for a real NUL.
     if b"\\u0000" in raw and holds_nul(raw):
-        return Undecodable(raw, _HOLDS_NUL, origin)
+        return Undecodable(raw, _HOLDS_NUL, origin, event.id)
     event_type = event.type.removeprefix("com.auth0.")
     kind = _KINDS.get(event_type)
     if kind is None or event.a0purpose == "test":
@@ -226,9 +227,10 @@ def decode_event(raw: bytes) -> Item:
             if isinstance(checked.deleted_at, datetime):
                 deleted_at = checked.deleted_at.astimezone(UTC)
     except (msgspec.ValidationError, RecursionError) as error:
-        return Undecodable(raw, f"{event_type} data.object is not an Auth0 user: {_describe(error)}", origin)
+        reason = f"{event_type} data.object is not an Auth0 user: {_describe(error)}"
+        return Undecodable(raw, reason, origin, event.id)
     except OverflowError:
-        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin)
+        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin, event.id)
     return UserEvent(
         id=event.id,
         kind=kind,
@@ -251,10 +253,11 @@ def _not_a_user_event_shape(raw: bytes, error: Exception) -> Item:
         return Undecodable(raw, f"not a CloudEvent: {_describe(envelope_error)}", _read_origin(raw))
     origin = Origin(envelope.a0tenant, envelope.a0stream)
     if b"\\u0000" in raw and holds_nul(raw):
-        return Undecodable(raw, _HOLDS_NUL, origin)
+        return Undecodable(raw, _HOLDS_NUL, origin, envelope.id)
     event_type = envelope.type.removeprefix("com.auth0.")
     if event_type in _KINDS and envelope.a0purpose != "test":
-        return Undecodable(raw, f"{event_type} data.object is not an Auth0 user: {_describe(error)}", origin)
+        reason = f"{event_type} data.object is not an Auth0 user: {_describe(error)}"
+        return Undecodable(raw, reason, origin, envelope.id)
     return _other_event(
         envelope.id, event_type, envelope.time, envelope.a0purpose, _named_user(envelope.data), origin, raw
     )
@@ -272,7 +275,7 @@ def _other_event(
     try:
         utc_time = time.astimezone(UTC)
     except OverflowError:
-        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin)
+        return Undecodable(raw, f"{event_type} {_OUT_OF_RANGE}", origin, event_id)
     return OtherEvent(
         id=event_id,
         type=event_type,

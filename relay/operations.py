@@ -59,7 +59,7 @@ async def replay_dead_letter(pipeline: Pipeline, letter: DeadLetter) -> Replayed
         check_origins(items, pipeline.allowed_tenants, pipeline.allowed_streams)
     except NotAllowed as refused:
         # Not ours to apply any more; the letter keeps the reason, and its body, for a person to judge.
-        items = [Undecodable(item.raw, str(refused), item.origin) for item in items]
+        items = [Undecodable(item.raw, str(refused), item.origin, item.id) for item in items]
     delivery = Delivery(letter.route, items, letter.headers, replaying=letter.id)
     [results] = await pipeline.commit([delivery])
     failures = [result.error or "" for result in results if result.outcome is Outcome.DEAD_LETTERED]

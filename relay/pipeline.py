@@ -50,10 +50,11 @@ class Delivery(msgspec.Struct, frozen=True):
         return len(self.items)
 
 
-class EventResult(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What became of one item; also the shape of each entry in a 200 answer."""
+class EventResult(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """What became of one item; also the shape of each entry in a 200 answer (`id` left out when the item's
+    id could not be read)."""
 
-    id: str | None
+    id: str | None = None
     outcome: Outcome
     dead_letter_id: int | None = None
     error: str | None = None
@@ -125,20 +126,23 @@ def decide(
     Entries are considered in version order, so outcomes read as they would had the events come one by one.
     """
     decided = _Decided([Outcome.DUPLICATE] * len(entries))
-    seen = set(processed)
+    first_copy: dict[str, int] = {}  # event id -> the entry that stands for it in this batch
+    copies: list[tuple[int, int]] = []  # (a later copy, its first copy), both in this batch
     by_user: dict[str, list[tuple[int, UserEvent]]] = {}
     for index in sorted(range(len(entries)), key=lambda index: _version_order(entries[index][1])):
         match item := entries[index][1]:
             case Undecodable(reason=reason):
                 decided.outcomes[index] = Outcome.DEAD_LETTERED
                 decided.errors[index] = reason
-            case OtherEvent() | UserEvent() if item.id in seen:
+            case OtherEvent() | UserEvent() if item.id in processed:
                 decided.outcomes[index] = Outcome.DUPLICATE
+            case OtherEvent() | UserEvent() if item.id in first_copy:
+                copies.append((index, first_copy[item.id]))
             case OtherEvent(is_test=is_test):
-                seen.add(item.id)
+                first_copy[item.id] = index
                 decided.outcomes[index] = Outcome.TEST if is_test else Outcome.IGNORED
             case UserEvent(user_id=user_id):
-                seen.add(item.id)
+                first_copy[item.id] = index
                 by_user.setdefault(user_id, []).append((index, item))
 
     for user_id, events in by_user.items():
@@ -150,6 +154,11 @@ def decide(
             decided.writes.new_users.append(state)
         else:
             decided.writes.changed_users.append((state, known.row_version))
+    for index, first in copies:
+        # A copy shares its first copy's fate: a duplicate of what is recorded, else set aside alike.
+        if decided.outcomes[first] is Outcome.DEAD_LETTERED:
+            decided.outcomes[index] = Outcome.DEAD_LETTERED
+            decided.errors[index] = decided.errors[first]
 
     for index, (delivery, item) in enumerate(entries):
         outcome = decided.outcomes[index]
@@ -163,9 +172,7 @@ def decide(
                 )
         elif outcome is not Outcome.DUPLICATE:
             assert not isinstance(item, Undecodable)
-            decided.writes.ledger.append(
-                LedgerRow(item.id, _type_of(item), item.user_id, item.time, outcome)
-            )
+            decided.writes.ledger.append(LedgerRow(item.id, _type_of(item), item.user_id, item.time, outcome))
     _settle_replays(entries, decided)
     return decided
 
@@ -223,10 +230,6 @@ def _version_order(item: Item) -> tuple[int, str]:
 
 def _type_of(item: UserEvent | OtherEvent) -> str:
     return item.kind if isinstance(item, UserEvent) else item.type
-
-
-def _id_of(item: Item) -> str | None:
-    return None if isinstance(item, Undecodable) else item.id
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ class Pipeline:
     async def _set_aside(self, entry: Entry, reason: str) -> list[EventResult]:
         """Keeps the one item PostgreSQL refused as a dead letter."""
         delivery, item = entry
-        return await self._commit_entries([(delivery, Undecodable(item.raw, reason, item.origin))])
+        return await self._commit_entries([(delivery, Undecodable(item.raw, reason, item.origin, item.id))])
 
     async def _commit_entries(self, entries: Sequence[Entry]) -> list[EventResult]:
         decided: _Decided | None = None
@@ -304,18 +307,22 @@ class Pipeline:
         results = []
         for index, (delivery, item) in enumerate(entries):
             outcome = decided.outcomes[index]
-            event_id = _id_of(item)
+            event_id = item.id
             if outcome is Outcome.DEAD_LETTERED:
                 position = decided.letter_index.get(index)
                 letter_id = delivery.replaying
                 if position is not None:
                     letter_id = committed.dead_letter_ids[position]
-                results.append(EventResult(event_id, outcome, letter_id, decided.errors[index]))
+                results.append(
+                    EventResult(
+                        id=event_id, outcome=outcome, dead_letter_id=letter_id, error=decided.errors[index]
+                    )
+                )
             elif outcome is not Outcome.DUPLICATE and event_id not in committed.recorded:
                 # Recorded by a concurrent batch between our look-up and our insert.
-                results.append(EventResult(event_id, Outcome.DUPLICATE))
+                results.append(EventResult(id=event_id, outcome=Outcome.DUPLICATE))
             else:
-                results.append(EventResult(event_id, outcome))
+                results.append(EventResult(id=event_id, outcome=outcome))
         return results
 
 

@@ -325,18 +325,23 @@ def test_invalid_utf8_in_the_data_of_a_test_event_leaves_it_a_test_without_a_use
 )
 def test_a_valid_rfc3339_time_out_of_range_in_utc_is_undecodable(field, value):
     changes = {"time": value} if field == "time" else {"deleted_at": value}
-    raw = encode(cloudevent("user.deleted", **changes))
+    event = cloudevent("user.deleted", **changes)
+    raw = encode(event)
 
     assert decode_event(raw) == Undecodable(
-        raw, "user.deleted time or deleted_at is out of range once converted to UTC", ORIGIN
+        raw, "user.deleted time or deleted_at is out of range once converted to UTC", ORIGIN, event["id"]
     )
 
 
 def test_an_unhandled_type_with_a_time_out_of_range_in_utc_is_undecodable():
-    raw = encode(cloudevent("user.updated", type="organization.created", time="9999-12-31T23:59:59-01:00"))
+    event = cloudevent("user.updated", type="organization.created", time="9999-12-31T23:59:59-01:00")
+    raw = encode(event)
 
     assert decode_event(raw) == Undecodable(
-        raw, "organization.created time or deleted_at is out of range once converted to UTC", ORIGIN
+        raw,
+        "organization.created time or deleted_at is out of range once converted to UTC",
+        ORIGIN,
+        event["id"],
     )
 
 
@@ -357,7 +362,7 @@ NUL_REASON = "the event holds a \\u0000 character, which PostgreSQL cannot store
 )
 def test_any_event_holding_a_nul_character_is_undecodable(body):
     raw = encode(body)
-    assert decode_event(raw) == Undecodable(raw, NUL_REASON, ORIGIN)
+    assert decode_event(raw) == Undecodable(raw, NUL_REASON, ORIGIN, body["id"])
 
 
 def test_an_escaped_backslash_before_u0000_is_no_nul():
