@@ -65,8 +65,8 @@ class Settings:
     """Most events committed in one transaction; 1 gives one transaction per event."""
     batch_max_wait_ms: float = 1.0
     """How long a batch may wait for more events once it has one; 0 takes only what is already queued."""
-    batch_flushers: int = 2
-    """Batches committed at the same time (each holds one pooled connection)."""
+    batch_flushers: int = 1
+    """Batches committed at the same time, per worker (each holds one pooled connection)."""
     queue_max_events: int = 2000
     """Events that may wait for a commit; beyond that the relay answers 503 instead of queueing more."""
     data_dir: Path = field(default_factory=lambda: Path(".data"))
@@ -129,7 +129,7 @@ class Settings:
             db_timeout_seconds=_number(env, "RELAY_DB_TIMEOUT_SECONDS", 2.0, 0.1, 30.0),
             batch_max_events=_integer(env, "RELAY_BATCH_MAX_EVENTS", 500, 1, 10_000),
             batch_max_wait_ms=_number(env, "RELAY_BATCH_MAX_WAIT_MS", 1.0, 0.0, 1000.0),
-            batch_flushers=_integer(env, "RELAY_BATCH_FLUSHERS", 2, 1, 64),
+            batch_flushers=_integer(env, "RELAY_BATCH_FLUSHERS", 1, 1, 64),
             queue_max_events=_integer(env, "RELAY_QUEUE_MAX_EVENTS", 2000, 1, 1_000_000),
             data_dir=Path(text("RELAY_DATA_DIR") or ".data"),
             log_level=log_level,
