@@ -7,7 +7,8 @@ median ratio over the rounds. The servers:
 
   relay                        `relay serve --migrate` with every setting at its default (INFO logs,
                                RELAY_WORKERS = the CPU count), on /events/webhook with a bearer token
-  relay, one tx per event      the same with RELAY_BATCH_MAX_EVENTS=1
+  relay, one tx per event      the same with RELAY_BATCH_MAX_EVENTS=1 and RELAY_BATCH_FLUSHERS=10: every
+                               event its own transaction, ten at a time per worker (as the guide's pool)
   guide-style handler          bench/guide: Express + node-postgres, one guarded upsert per event, no ledger
   bare Litestar (N processes)  bench/bare_litestar.py: bearer check and msgspec decode, no database, under
                                uvicorn with as many worker processes as the relay
@@ -193,6 +194,7 @@ def server_command(server: str, conninfo: str, schema: str, port: int) -> tuple[
         }
         if server == ONE_TX:
             env["RELAY_BATCH_MAX_EVENTS"] = "1"
+            env["RELAY_BATCH_FLUSHERS"] = "10"
         return [sys.executable, "-m", "relay.cli", "serve", "--migrate"], env
     if server == GUIDE:
         env = {
