@@ -74,6 +74,16 @@ class BackfillReport:
     stale: int = 0  # known users whose stored state is newer than the snapshot
     rejected: int = 0  # rows that are not Auth0 users, or that PostgreSQL refused: kept in dead_letters
 
+    def describe(self, elapsed: float | None = None) -> str:
+        """The counts in words, with the rate when `elapsed` seconds are given."""
+        text = (
+            f"{self.rows} rows: {self.inserted} inserted, {self.merged} merged, {self.stale} stale, "
+            f"{self.rejected} rejected"
+        )
+        if elapsed is not None and elapsed > 0:
+            text += f" ({self.rows / elapsed:,.0f} rows/s)"
+        return text
+
 
 def export_lines(path: Path) -> Iterator[bytes]:
     """The non-blank lines of an export file, stripped, gunzipped as they are read when the file is gzip."""

@@ -1,7 +1,7 @@
 """Forward-only migrations from `schema/NNNN_name.sql`, applied under an advisory lock.
 
 Replicas that start together all call `migrate`; the lock makes one of them apply what is pending while
-the others wait, then find nothing left to do.
+the others wait, then find nothing left to do. psycopg's errors come out as the store's own.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from psycopg import AsyncConnection, sql
+
+from relay.store import in_drivers_words
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -49,7 +52,15 @@ def latest_version() -> int:
 
 
 async def migrate(conninfo: str, schema: str) -> list[Migration]:
-    """Applies pending migrations in one transaction; returns those it applied."""
+    """Applies pending migrations in one transaction; returns those it applied. `StoreUnavailable` when
+    PostgreSQL cannot be reached or refuses a migration: nothing is applied then."""
+    try:
+        return await _apply_pending(conninfo, schema)
+    except psycopg.Error as error:
+        raise in_drivers_words(error) from None
+
+
+async def _apply_pending(conninfo: str, schema: str) -> list[Migration]:
     pending: list[Migration] = []
     async with await AsyncConnection.connect(conninfo, autocommit=True) as conn, conn.transaction():
         # Serialises concurrent migrators of this schema; released at commit.

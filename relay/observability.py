@@ -17,11 +17,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
-from psycopg_pool import AsyncConnectionPool
 
 REQUESTS = Counter(
     "relay_http_requests_total",
@@ -83,7 +82,13 @@ QUEUE_EVENTS = Gauge(
 RUNTIME_SAMPLE_SECONDS = 1.0
 
 
-async def sample_runtime_forever(pool: AsyncConnectionPool[Any], queue: Any) -> None:
+class _PoolWithStats(Protocol):
+    """The store's pool, as far as the gauges need it."""
+
+    def get_stats(self) -> dict[str, int]: ...
+
+
+async def sample_runtime_forever(pool: _PoolWithStats, queue: Any) -> None:
     """Keeps the pool and queue gauges current; `queue` has a `queued_events` attribute (the pipeline). With
     several worker processes, each sets its own and a scrape sees their sum."""
     while True:

@@ -1,4 +1,5 @@
-"""SQL text, the functions that run it on a pooled connection, and the store's own errors.
+"""SQL text, the functions that run it on a pooled connection (or, for an operator command's checks, on a
+connection of its own), and the store's own errors.
 
 Every statement is literal and parameterised. A batch of live events costs two statements: one reads the
 ledger and the batch's known users; then, once the caller has decided every event's fate from those facts,
@@ -15,8 +16,8 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -75,6 +76,13 @@ def _store_error(error: psycopg.Error) -> StoreError:
     # Connection loss, a failover to a read-only server, revoked privileges, a cancelled statement: none of
     # them is the event's fault, and all of them may pass.
     return StoreUnavailable(f"{type(error).__name__}: {primary}")
+
+
+def in_drivers_words(error: psycopg.Error) -> StoreUnavailable:
+    """psycopg's error as the store's own, with libpq's and PostgreSQL's whole message: for the operator's
+    own connections (migrations, the checks below), whose statements carry no one's data, and whose libpq
+    messages name the host and port but never the password."""
+    return StoreUnavailable(str(error).strip() or type(error).__name__)
 
 
 def _is_conflict(error: psycopg.Error) -> bool:
@@ -616,6 +624,56 @@ async def migrated_version(pool: Pool) -> int:
         await cursor.execute(CHECK_READY)
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+# The operator commands' own checks, on a plain connection rather than a pool: `relay backfill` and `relay
+# catch-up` check the schema before asking Auth0 for anything, and `relay verify` watches one user's row.
+
+DirectConnection = psycopg.Connection[Any]
+
+
+@contextmanager
+def direct_connection(conninfo: str, settings: Settings) -> Iterator[DirectConnection]:
+    """One connection of its own, with the relay's options; psycopg's errors, from opening it or from the
+    statements run on it, come out as the store's own in the driver's words."""
+    try:
+        with psycopg.connect(conninfo, **connection_options(settings)) as conn:
+            yield conn
+    except psycopg.Error as error:
+        found = _store_error(error)
+        if isinstance(found, NotMigrated):
+            raise found from None
+        raise in_drivers_words(error) from None
+
+
+def require_migrations(conninfo: str, settings: Settings, needed: int) -> None:
+    """`NotMigrated` unless the relay's schema has every migration up to `needed` applied."""
+    with direct_connection(conninfo, settings) as conn:
+        try:
+            row = conn.execute(CHECK_READY).fetchone()
+        except errors.UndefinedTable:
+            row = None
+    found = int(row[0]) if row else 0
+    if found < needed:
+        raise NotMigrated(
+            f"schema {settings.db_schema!r} is at migration {found}, this relay needs {needed}: "
+            "run `relay migrate` first"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedUser:
+    """What `relay verify` looks for in a user's row: the name it changes, and the tombstone."""
+
+    name: str | None
+    deleted_at: datetime | None
+
+
+def find_watched_user(conn: DirectConnection, user_id: str) -> WatchedUser | None:
+    """The user's row as `relay verify` watches it; on a `direct_connection`, `NotMigrated` when there is no
+    users table."""
+    row = conn.execute(FIND_USER, {"user_id": user_id}).fetchone()
+    return WatchedUser(*row) if row else None
 
 
 # Dead letters: listed, shown, replayed and resolved by `relay dead-letters`; retention by `relay prune`.

@@ -27,9 +27,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.auth0.progress import StatusLine
 from relay.backfill import BACKFILL_VERSION_ID, EXPORT_FIELDS, BackfillReport, load_export
 from relay.cli import main
+from relay.cli.progress import StatusLine
 from relay.events import EventKind, Origin, UserEvent, decode_body, to_micros
 from relay.handlers import UserState, apply_event
 from relay.pipeline import Delivery, Pipeline

@@ -15,8 +15,8 @@ import pytest
 
 from relay.auth0.catch_up import catch_up, cursor_stream
 from relay.auth0.management import Credentials, Management
-from relay.auth0.progress import StatusLine
 from relay.cli import main
+from relay.cli.progress import StatusLine
 from relay.events import decode_body
 from relay.pipeline import Delivery
 from tests.support.auth0 import (
@@ -76,7 +76,7 @@ async def run_catch_up(pool: Any, database: Database, **options: Any) -> tuple[A
         pool,
         database.settings,
         idle_seconds=0.3,
-        status=StatusLine(progress),
+        progress=StatusLine(progress).show,
         sleep=no_wait,
         **options,
     )
@@ -239,7 +239,7 @@ async def test_rate_limited_connection_waits_for_retry_after_then_streams(
             database.settings,
             since=datetime.fromisoformat("2025-02-01T00:00:00+00:00"),
             idle_seconds=0.3,
-            status=StatusLine(io.StringIO()),
+            progress=StatusLine(io.StringIO()).show,
             sleep=recording_sleep,
         )
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import respx
 
-from relay.auth0.deploy import deploy_action
 from relay.cli import main
+from relay.cli.deploy import deploy_action
 from tests.support import REPO
 from tests.support.auth0 import (
     ACCESS_TOKEN,

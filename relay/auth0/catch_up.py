@@ -17,9 +17,8 @@ ends by itself once no event has arrived for `idle_seconds`.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,20 +27,11 @@ import httpx
 import msgspec
 
 from relay import store
-from relay.auth0.export import SchemaNotReady, check_schema
-from relay.auth0.management import (
-    MAX_ATTEMPTS,
-    Management,
-    ManagementError,
-    credentials_from_env,
-    retry_after,
-    rfc3339,
-)
-from relay.auth0.progress import StatusLine
+from relay.auth0.management import MAX_ATTEMPTS, Management, RateLimited, retry_after, rfc3339
 from relay.events import Item, Undecodable, decode_event
 from relay.pipeline import Delivery, Pipeline
 from relay.settings import Settings
-from relay.store import Pool, open_pool, read_cursor, save_cursor
+from relay.store import Pool, read_cursor, save_cursor
 
 USER_EVENT_TYPES = ("user.created", "user.updated", "user.deleted")
 READ_EVENTS = "read:events"
@@ -151,58 +141,6 @@ class _SseParser:
         return None
 
 
-def run_catch_up(
-    environ: Mapping[str, str],
-    settings: Settings,
-    database: Callable[[], str],
-    *,
-    since: datetime | None = None,
-    until_idle: bool = True,
-    idle_seconds: float = DEFAULT_IDLE_SECONDS,
-    status: StatusLine | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> int:
-    """Runs `relay catch-up`; returns the exit status. `database()` gives the conninfo."""
-    api = Management(credentials_from_env(environ))
-    status = status or StatusLine()
-    report = CatchUpReport()
-
-    async def run() -> None:
-        async with open_pool(conninfo, settings) as pool:
-            await catch_up(
-                api,
-                pool,
-                settings,
-                since=since,
-                until_idle=until_idle,
-                idle_seconds=idle_seconds,
-                status=status,
-                report=report,
-                sleep=sleep,
-            )
-
-    try:
-        conninfo = database()
-        check_schema(conninfo, settings)
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        status.end()
-        print(
-            f"relay catch-up: interrupted after {report.describe()}; the batch in progress was rolled back. "
-            "Running relay catch-up again is safe: it goes on from the stored cursor",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 130
-    except (CatchUpFailed, SchemaNotReady, ManagementError) as error:
-        status.end()
-        print(f"relay catch-up: {error}", file=sys.stderr, flush=True)
-        return 1
-    status.end()
-    print(f"catch-up done: {report.describe()}", flush=True)
-    return 0
-
-
 async def catch_up(
     api: Management,
     pool: Pool,
@@ -211,17 +149,18 @@ async def catch_up(
     since: datetime | None = None,
     until_idle: bool = True,
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
-    status: StatusLine | None = None,
+    progress: Callable[[str], None] = lambda _line: None,
+    on_rate_limit: RateLimited = lambda _what, _seconds: None,
     report: CatchUpReport | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     batch_max_events: int = BATCH_MAX_EVENTS,
     batch_max_seconds: float = BATCH_MAX_SECONDS,
 ) -> CatchUpReport:
-    """Reads and applies events until idle (or forever without `until_idle`); returns what it did.
+    """Reads and applies events until idle (or forever without `until_idle`); returns what it did, telling
+    `progress` after each committed batch. Raises CatchUpFailed, ManagementError or the store's errors.
 
     `report` is filled in as batches commit, so a caller that is interrupted can still say what was done.
     """
-    status = status or StatusLine()
     report = report if report is not None else CatchUpReport()
     stream = cursor_stream(api.domain)
     pipeline = Pipeline(pool, settings)
@@ -235,7 +174,7 @@ async def catch_up(
     start_cursor = None if since is not None else report.cursor
 
     queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUED_MESSAGES)
-    reader = asyncio.create_task(_read_events(api, start_cursor, since, queue, sleep))
+    reader = asyncio.create_task(_read_events(api, start_cursor, since, queue, sleep, on_rate_limit))
     batch = _Batch()
     loop = asyncio.get_running_loop()
     idle_deadline: float | None = None  # set once connected: waiting for a connection is not idleness
@@ -246,7 +185,7 @@ async def catch_up(
             return
         await _commit(pool, pipeline, stream, batch, report)
         batch.clear()
-        status.show(f"catch-up: {report.describe()}")
+        progress(f"catch-up: {report.describe()}")
 
     try:
         while True:
@@ -328,9 +267,10 @@ async def _read_events(
     since: datetime | None,
     queue: asyncio.Queue[_Item],
     sleep: Callable[[float], Awaitable[None]],
+    on_rate_limit: RateLimited,
 ) -> None:
     try:
-        await _read_forever(api, cursor, since, queue, sleep)
+        await _read_forever(api, cursor, since, queue, sleep, on_rate_limit)
     except Exception as error:
         await queue.put(_Failed(error))
 
@@ -341,6 +281,7 @@ async def _read_forever(
     since: datetime | None,
     queue: asyncio.Queue[_Item],
     sleep: Callable[[float], Awaitable[None]],
+    on_rate_limit: RateLimited,
 ) -> None:
     what = "read the Events API"
     rate_limited = 0
@@ -363,10 +304,7 @@ async def _read_forever(
                 if response.status_code == 429 and rate_limited + 1 < MAX_ATTEMPTS:
                     rate_limited += 1
                     wait = retry_after(response.headers)
-                    print(
-                        f"  rate limited by Auth0 while trying to {what}; retrying in {wait:g} s",
-                        file=sys.stderr,
-                    )
+                    on_rate_limit(what, wait)
                     await sleep(wait)
                     continue
                 if response.status_code == 410:

@@ -13,13 +13,13 @@ the one `relay deploy-action` creates).
 
 from __future__ import annotations
 
-import sys
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from relay.auth0.management import Management, ManagementError, credentials_from_env, rfc3339
+from relay.auth0.management import Management, ManagementError, rfc3339
 
 DEFAULT_STREAM_NAME = "user-sync-relay"
 STREAM_ID_VARIABLE = "AUTH0_EVENT_STREAM_ID"
@@ -27,69 +27,22 @@ READ_DELIVERIES = "read:event_deliveries (or read:event_streams)"
 UPDATE_DELIVERIES = "update:event_deliveries"
 PAGE_SIZE = 100
 MAX_PAGES = 100
-_ERROR_WIDTH = 70
 
 
 class DeliveriesFailed(Exception):
     """The command cannot go on; the message says why and what to do."""
 
 
-def run_deliveries(
-    environ: Mapping[str, str],
-    *,
-    stream_id: str | None = None,
-    stream_name: str = DEFAULT_STREAM_NAME,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    types: Sequence[str] = (),
-) -> int:
-    """Runs `relay deliveries`; returns the exit status."""
-    api = Management(credentials_from_env(environ))
-    try:
-        chosen = resolve_stream_id(api, environ, stream_id, stream_name)
-        deliveries = list_deliveries(api, chosen, since=since, until=until, types=types)
-    except (DeliveriesFailed, ManagementError) as error:
-        print(f"relay deliveries: {error}", file=sys.stderr, flush=True)
-        return 1
-    if not deliveries:
-        print(f"no failed deliveries for event stream {chosen}{_filters(since, until, types)}")
-        return 0
-    print(delivery_table(deliveries))
-    print(
-        f"\n{len(deliveries)} failed deliveries for event stream {chosen}{_filters(since, until, types)}. "
-        "Ask Auth0 to send them again with `relay redeliver` and the same --since/--until/--types, "
-        "or one of them with `relay redeliver --event-id ID`"
-    )
-    return 0
+@dataclass(frozen=True, slots=True)
+class FailedDelivery:
+    """One failed delivery, from either of Auth0's shapes (`?` or empty where it said nothing)."""
 
-
-def run_redeliver(
-    environ: Mapping[str, str],
-    *,
-    stream_id: str | None = None,
-    stream_name: str = DEFAULT_STREAM_NAME,
-    event_id: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    types: Sequence[str] = (),
-) -> int:
-    """Runs `relay redeliver`; returns the exit status."""
-    api = Management(credentials_from_env(environ))
-    try:
-        chosen = resolve_stream_id(api, environ, stream_id, stream_name)
-        if event_id is not None:
-            redeliver_event(api, chosen, event_id)
-            print(f"Auth0 accepted: event {event_id} will be delivered again to event stream {chosen}")
-        else:
-            redeliver_failed(api, chosen, since=since, until=until, types=types)
-            print(
-                f"Auth0 accepted: the failed deliveries of event stream {chosen}"
-                f"{_filters(since, until, types)} will be delivered again"
-            )
-    except (DeliveriesFailed, ManagementError) as error:
-        print(f"relay redeliver: {error}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    event_id: str
+    event_type: str
+    event_time: str
+    attempts: int
+    last_attempt: str  # the time of the latest attempt
+    last_error: str  # that attempt's error message, whitespace collapsed
 
 
 def resolve_stream_id(
@@ -121,7 +74,7 @@ def list_deliveries(
     since: datetime | None = None,
     until: datetime | None = None,
     types: Sequence[str] = (),
-) -> list[dict[str, Any]]:
+) -> list[FailedDelivery]:
     """Every failed delivery matching the filters, oldest page first, each once."""
     params: dict[str, str | int] = {"statuses": "failed", "take": PAGE_SIZE}
     if types:
@@ -148,7 +101,7 @@ def list_deliveries(
             page_from = str(items[-1].get("id") or "") or None
         if page_from is None or not fresh:
             break
-    return list(found.values())
+    return [_failed_delivery(delivery) for delivery in found.values()]
 
 
 def redeliver_event(api: Management, stream_id: str, event_id: str) -> None:
@@ -207,35 +160,26 @@ def redeliver_failed(
         raise
 
 
-def delivery_table(deliveries: Sequence[Mapping[str, Any]]) -> str:
-    """The deliveries as an aligned text table, oldest event first."""
-    header = ("EVENT ID", "TYPE", "EVENT TIME", "ATTEMPTS", "LAST ATTEMPT", "LAST ERROR")
-    rows = [_row(delivery) for delivery in deliveries]
-    rows.sort(key=lambda row: (row[2], row[0]))
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def _row(delivery: Mapping[str, Any]) -> tuple[str, str, str, str, str, str]:
-    found = delivery.get("event")
-    event: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+def _failed_delivery(delivery: Mapping[str, Any]) -> FailedDelivery:
     attempts = [a for a in delivery.get("attempts") or [] if isinstance(a, Mapping)]
     last = max(attempts, key=lambda attempt: str(attempt.get("timestamp") or ""), default={})
-    error = " ".join(str(last.get("error_message") or "").split())
-    if len(error) > _ERROR_WIDTH:
-        error = error[: _ERROR_WIDTH - 1] + "…"
-    return (
-        str(event.get("id") or delivery.get("id") or "?"),
-        str(delivery.get("event_type") or event.get("type") or "?"),
-        str(event.get("time") or ""),
-        str(len(attempts)),
-        str(last.get("timestamp") or ""),
-        error,
+    return FailedDelivery(
+        event_id=_event_id(delivery),
+        event_type=str(delivery.get("event_type") or _event(delivery).get("type") or "?"),
+        event_time=str(_event(delivery).get("time") or ""),
+        attempts=len(attempts),
+        last_attempt=str(last.get("timestamp") or ""),
+        last_error=" ".join(str(last.get("error_message") or "").split()),
     )
+
+
+def _event(delivery: Mapping[str, Any]) -> Mapping[str, Any]:
+    found = delivery.get("event")
+    return found if isinstance(found, Mapping) else {}
+
+
+def _event_id(delivery: Mapping[str, Any]) -> str:
+    return str(_event(delivery).get("id") or delivery.get("id") or "?")
 
 
 def _page(body: Any) -> tuple[list[dict[str, Any]], str | None]:
@@ -249,19 +193,8 @@ def _page(body: Any) -> tuple[list[dict[str, Any]], str | None]:
 
 
 def _key(delivery: Mapping[str, Any]) -> str:
-    return str(delivery.get("id") or _row(delivery)[0])
+    return str(delivery.get("id") or _event_id(delivery))
 
 
 def _segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
-
-
-def _filters(since: datetime | None, until: datetime | None, types: Sequence[str]) -> str:
-    parts = []
-    if since is not None:
-        parts.append(f"from {rfc3339(since)}")
-    if until is not None:
-        parts.append(f"until {rfc3339(until)}")
-    if types:
-        parts.append(f"of type {', '.join(types)}")
-    return f" ({', '.join(parts)})" if parts else ""

@@ -1,8 +1,9 @@
 """`relay deploy-action`: put the Action from `action/` into a tenant and point an event stream at it.
 
-Steps, each printed: find the Action by name; create it, or update it when its code, runtime, trigger or
-secrets differ; wait until Auth0 has built it; deploy it; then find the event stream by name and create it, or
-fix its destination, subscriptions and status. A run that finds everything right writes nothing.
+Steps, each told to `progress` as a line: find the Action by name; create it, or update it when its code,
+runtime, trigger or secrets differ; wait until Auth0 has built it; deploy it; then find the event stream by
+name and create it, or fix its destination, subscriptions and status. A run that finds everything right
+writes nothing.
 
 Auth0 never returns a secret's value, so a changed secret cannot be seen by reading the Action. Instead the
 code sent to Auth0 ends with a fingerprint line: an HMAC-SHA256, keyed by `RELAY_SIGNING_SECRET`, of every
@@ -17,7 +18,6 @@ import hashlib
 import hmac
 import json
 import math
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -29,7 +29,7 @@ from relay.auth0.management import (
     CREDENTIAL_VARIABLES,
     Credentials,
     Management,
-    ManagementError,
+    RateLimited,
     credentials_from,
     read_variables,
 )
@@ -115,39 +115,37 @@ def action_code(source: str, secrets: ActionSecrets) -> str:
     return f"{source.rstrip()}\n\n{_FINGERPRINT_PREFIX}{secrets.fingerprint()}\n"
 
 
-def deploy_action(
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    changes: int  # what was changed (or, in a dry run, would have been): none when all was right already
+
+
+def ensure_deployed(
     environ: Mapping[str, str],
     *,
     name: str = DEFAULT_NAME,
     stream_name: str = DEFAULT_NAME,
     dry_run: bool = False,
+    progress: Callable[[str], None] = lambda _line: None,
+    on_rate_limit: RateLimited = lambda _what, _seconds: None,
     sleep: Callable[[float], None] = time.sleep,
     build_timeout: float = 60.0,
     poll_interval: float = 1.0,
-) -> int:
-    """Runs `relay deploy-action`; returns the exit status. Raises ConfigError for bad configuration."""
+) -> Deployed:
+    """Runs `relay deploy-action`, telling `progress` each step. Raises ConfigError for bad configuration
+    (before any request), DeployFailed or ManagementError when the tenant could not be brought in line."""
     credentials, secrets = read_environment(environ)
     source = action_source()
-    api = Management(credentials, sleep=sleep, secrets=[value for _, value in secrets.items()])
-    deployer = _Deployer(api, name, source, secrets, dry_run, sleep, build_timeout, poll_interval)
-    _say(f"Auth0 tenant {credentials.domain}" + (" (dry run: nothing will be written)" if dry_run else ""))
-    try:
-        action_id = deployer.ensure_action()
-        deployer.ensure_stream(stream_name, action_id)
-    except (ManagementError, DeployFailed) as error:
-        print(f"relay deploy-action: {error}", file=sys.stderr, flush=True)
-        return 1
-    if dry_run:
-        _say("dry run: nothing was written" + ("" if deployer.changes else "; nothing to change"))
-    elif deployer.changes:
-        _say("done")
-    else:
-        _say("nothing to change")
-    return 0
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
+    api = Management(
+        credentials, sleep=sleep, secrets=[value for _, value in secrets.items()], on_rate_limit=on_rate_limit
+    )
+    deployer = _Deployer(api, name, source, secrets, dry_run, sleep, build_timeout, poll_interval, progress)
+    progress(
+        f"Auth0 tenant {credentials.domain}" + (" (dry run: nothing will be written)" if dry_run else "")
+    )
+    action_id = deployer.ensure_action()
+    deployer.ensure_stream(stream_name, action_id)
+    return Deployed(deployer.changes)
 
 
 @dataclass
@@ -160,6 +158,7 @@ class _Deployer:
     sleep: Callable[[float], None]
     build_timeout: float
     poll_interval: float
+    say: Callable[[str], None]
     changes: int = 0
 
     def ensure_action(self) -> str | None:
@@ -174,10 +173,10 @@ class _Deployer:
                 f"{TRIGGER_VERSION}, runtime {RUNTIME}, secrets {secret_names})"
             )
             if self.dry_run:
-                _say(f"{label}: would wait for the build, then deploy it")
+                self.say(f"{label}: would wait for the build, then deploy it")
                 return None
             action_id = self._create_action(code)
-            _say(f"{label}: created ({action_id})")
+            self.say(f"{label}: created ({action_id})")
         else:
             action_id = existing.id
             label = f"Action {self.name!r} ({action_id})"
@@ -192,10 +191,10 @@ class _Deployer:
             elif not existing.all_changes_deployed:
                 self._change(f"{label}: up to date, but not all of it is deployed")
             else:
-                _say(f"{label}: up to date and deployed")
+                self.say(f"{label}: up to date and deployed")
                 return action_id
             if self.dry_run:
-                _say(f"{label}: would wait for the build, then deploy it")
+                self.say(f"{label}: would wait for the build, then deploy it")
                 return action_id
         self._wait_for_build(action_id, label)
         version = self.api.call(
@@ -204,7 +203,7 @@ class _Deployer:
             lambda sdk, once: sdk.actions.deploy(action_id, request_options=once),
         )
         number = f" version {version.number:g}" if version.number is not None else ""
-        _say(f"{label}: deployed{number}")
+        self.say(f"{label}: deployed{number}")
         return action_id
 
     def _create_action(self, code: str) -> str:
@@ -278,7 +277,7 @@ class _Deployer:
                 "create:event_streams",
                 lambda sdk, once: sdk.event_streams.create(request=request, request_options=once),
             )
-            _say(f"{label}: created ({created.id}), enabled")
+            self.say(f"{label}: created ({created.id}), enabled")
             return
 
         stream_id = existing.id
@@ -304,7 +303,7 @@ class _Deployer:
             changes["status"] = "enabled"
             described.append(f"status {existing.status} → enabled")
         if not changes:
-            _say(f"{label}: up to date ({target}, {', '.join(EVENT_TYPES)}, enabled)")
+            self.say(f"{label}: up to date ({target}, {', '.join(EVENT_TYPES)}, enabled)")
             return
         self._change(f"{label}: {self._will('updating', 'would update')} {'; '.join(described)}")
         if not self.dry_run:
@@ -313,7 +312,7 @@ class _Deployer:
                 "update:event_streams",
                 lambda sdk, once: sdk.event_streams.update(stream_id, **changes, request_options=once),
             )
-            _say(f"{label}: updated")
+            self.say(f"{label}: updated")
 
     def _find_action(self) -> Action | None:
         actions = self.api.call(
@@ -361,7 +360,7 @@ class _Deployer:
             )
             if action.status != last_status:
                 last_status = action.status
-                _say(f"{label}: build {action.status} ({time.monotonic() - started:.0f} s)")
+                self.say(f"{label}: build {action.status} ({time.monotonic() - started:.0f} s)")
             if action.status == "built":
                 return
             if action.status == "failed":
@@ -372,7 +371,7 @@ class _Deployer:
 
     def _change(self, line: str) -> None:
         self.changes += 1
-        _say(line)
+        self.say(line)
 
     def _will(self, doing: str, would_do: str) -> str:
         return would_do if self.dry_run else doing

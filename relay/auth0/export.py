@@ -1,10 +1,11 @@
 """`relay backfill`: copy every existing Auth0 user into PostgreSQL through a users export job.
 
-Steps, each shown on stderr: start an export job (`POST /jobs/users-exports`, JSON, the fields the copy
-keeps); poll it (`GET /jobs/{id}`) within a time budget, showing its percentage and time left; stream the
-gzip NDJSON from the job's download URL to a temporary file, never into memory, asking the job for a fresh
-URL when the 60-second one has expired; then load the file with `relay.backfill.load_export`, one committed
-chunk at a time. `--file` skips the first three steps and loads an export downloaded earlier.
+Steps, each told to `progress`: start an export job (`POST /jobs/users-exports`, JSON, the fields the copy
+keeps); poll it (`GET /jobs/{id}`) within a time budget, with its percentage and time left; stream the gzip
+NDJSON from the job's download URL to a temporary file, never into memory, asking the job for a fresh URL
+when the 60-second one has expired; then load the file with `relay.backfill.load_export`, one committed chunk
+at a time. Without an API (`--file`), the first three steps are skipped and an export downloaded earlier is
+loaded.
 
 The download URL is not the Management API: it gets no token, only a plain GET. An interrupted load leaves
 every committed chunk in place and rolls back the one in progress; running it again is safe, because an
@@ -15,22 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 
-from relay.auth0.management import Management, ManagementError, credentials_from_env
-from relay.auth0.progress import StatusLine
+from relay.auth0.management import Management
 from relay.backfill import EXPORT_FIELDS, BackfillReport, export_lines, load_export
-from relay.migrations import latest_version
 from relay.settings import Settings
-from relay.store import CHECK_READY, connection_options, create_pool
+from relay.store import open_pool
 
 READ_USERS = "read:users"
 DEFAULT_TIMEOUT_SECONDS = 30 * 60.0
@@ -42,93 +39,56 @@ EXPIRED_DOWNLOAD_STATUSES = frozenset({403, 404, 410})
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 _SHOW_EVERY_SECONDS = 1.0
 
+Progress = Callable[[str], None]
+
 
 class BackfillFailed(Exception):
     """The backfill cannot go on; the message says why and what to do."""
 
 
-class SchemaNotReady(Exception):
-    """The relay's tables are missing or behind this version of the relay."""
-
-
 @dataclass
-class _Loaded:
-    """What the load has done so far, kept outside it so an interruption can still report it."""
+class LoadedSoFar:
+    """What the load has committed so far, kept outside it so an interruption can still report it: None
+    until the first chunk has committed."""
 
     report: BackfillReport | None = None
 
 
-def run_backfill(
-    environ: Mapping[str, str],
+def backfill(
+    api: Management | None,
+    conninfo: str,
     settings: Settings,
-    database: Callable[[], str],
     *,
     file: Path | None = None,
     job_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     poll_interval: float = DEFAULT_POLL_INTERVAL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
-    status: StatusLine | None = None,
-) -> int:
-    """Runs `relay backfill`; returns the exit status.
+    progress: Progress = lambda _line: None,
+    loaded: LoadedSoFar | None = None,
+) -> BackfillReport:
+    """Exports the tenant's users through `api` (or, without one, takes the export `file`) and loads them.
 
-    `database()` gives the conninfo; it may start the embedded server, so it is called only once the Auth0
-    credentials are known to be complete.
+    Raises BackfillFailed, ManagementError, or the store's errors. The caller checks the schema first, so that
+    Auth0 is asked for nothing when the database could not take the users.
     """
-    status = status or StatusLine()
-    api = None if file is not None else Management(credentials_from_env(environ), sleep=sleep)
-    loaded = _Loaded()
-    try:
-        conninfo = database()
-        check_schema(conninfo, settings)
-        with tempfile.TemporaryDirectory(prefix="relay-backfill-") as workdir:
-            if api is None:
-                assert file is not None
-                if not file.is_file():
-                    raise BackfillFailed(f"{file}: no such file")
-                path = file
-            else:
-                path = Path(workdir) / "users.json.gz"
-                export_users(
-                    api,
-                    path,
-                    job_id=job_id,
-                    timeout=timeout,
-                    poll_interval=poll_interval,
-                    sleep=sleep,
-                    status=status,
-                )
-            report = asyncio.run(load_file(conninfo, settings, path, status=status, loaded=loaded))
-    except KeyboardInterrupt:
-        status.end()
-        _interrupted(loaded.report)
-        return 130
-    except (BackfillFailed, SchemaNotReady, ManagementError) as error:
-        status.end()
-        print(f"relay backfill: {error}", file=sys.stderr, flush=True)
-        return 1
-    except Exception:
-        status.end()
-        raise
-    status.end()
-    print(f"backfill done: {_describe(report)}", flush=True)
-    return 0
-
-
-def check_schema(conninfo: str, settings: Settings) -> None:
-    """Refuses to start (before any request to Auth0) when the relay's tables are missing or behind."""
-    needed = latest_version()
-    with psycopg.connect(conninfo, **connection_options(settings)) as conn:
-        try:
-            row = conn.execute(CHECK_READY).fetchone()
-        except psycopg.errors.UndefinedTable:
-            row = None
-    found = int(row[0]) if row else 0
-    if found < needed:
-        raise SchemaNotReady(
-            f"schema {settings.db_schema!r} is at migration {found}, this relay needs {needed}: "
-            "run `relay migrate` first"
-        )
+    with tempfile.TemporaryDirectory(prefix="relay-backfill-") as workdir:
+        if api is None:
+            if file is None or not file.is_file():
+                raise BackfillFailed(f"{file}: no such file")
+            path = file
+        else:
+            path = Path(workdir) / "users.json.gz"
+            export_users(
+                api,
+                path,
+                job_id=job_id,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                sleep=sleep,
+                progress=progress,
+            )
+        return asyncio.run(load_file(conninfo, settings, path, progress=progress, loaded=loaded))
 
 
 def export_users(
@@ -139,16 +99,16 @@ def export_users(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     poll_interval: float = DEFAULT_POLL_INTERVAL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
-    status: StatusLine,
+    progress: Progress,
 ) -> None:
     """Runs (or, given `job_id`, resumes) an export job and downloads its file to `destination`."""
     if job_id is None:
         job_id = start_export_job(api)
-        status.show(f"export job {job_id}: started on {api.domain}")
+        progress(f"export job {job_id}: started on {api.domain}")
     location = wait_for_export(
-        api, job_id, timeout=timeout, poll_interval=poll_interval, sleep=sleep, status=status
+        api, job_id, timeout=timeout, poll_interval=poll_interval, sleep=sleep, progress=progress
     )
-    download_export(api, job_id, location, destination, status=status)
+    download_export(api, job_id, location, destination, progress=progress)
 
 
 def start_export_job(api: Management) -> str:
@@ -175,7 +135,7 @@ def wait_for_export(
     timeout: float,
     poll_interval: float,
     sleep: Callable[[float], None],
-    status: StatusLine,
+    progress: Progress,
 ) -> str:
     """The job's download URL once it has completed; BackfillFailed if it fails or outlasts `timeout`.
 
@@ -198,11 +158,9 @@ def wait_for_export(
         if state == "completed":
             if not job.location:
                 raise BackfillFailed(f"export job {job_id} completed without a download URL; run it again")
-            status.show(f"export job {job_id}: completed")
+            progress(f"export job {job_id}: completed")
             return job.location
-        status.show(
-            f"export job {job_id}: {_job_progress(state, job.percentage_done, job.time_left_seconds)}"
-        )
+        progress(f"export job {job_id}: {_job_progress(state, job.percentage_done, job.time_left_seconds)}")
     raise BackfillFailed(
         f"export job {job_id} did not complete within {timeout:g} s (status {state}); Auth0 keeps it for 24 "
         f"hours: run `relay backfill --job-id {job_id}` with a longer --timeout to pick it up again"
@@ -215,24 +173,24 @@ def download_export(
     location: str,
     destination: Path,
     *,
-    status: StatusLine,
+    progress: Progress,
     attempts: int = DOWNLOAD_ATTEMPTS,
 ) -> int:
     """Streams the export to `destination`; returns its size. An expired URL is replaced by a fresh one."""
     problem = ""
     for attempt in range(1, attempts + 1):
         if attempt > 1:
-            status.show(f"export job {job_id}: {problem}; asking Auth0 for a fresh download URL")
+            progress(f"export job {job_id}: {problem}; asking Auth0 for a fresh download URL")
             location = _fresh_location(api, job_id)
         try:
-            size = _download(location, destination, status)
+            size = _download(location, destination, progress)
         except _Expired as expired:
             problem = f"the download URL answered {expired.status_code} (expired)"
             continue
         except httpx.TransportError as error:
             problem = f"the download broke off ({error or type(error).__name__})"
             continue
-        status.show(f"downloaded the export: {_megabytes(size)}")
+        progress(f"downloaded the export: {_megabytes(size)}")
         return size
     raise BackfillFailed(f"could not download export job {job_id} in {attempts} attempts: {problem}")
 
@@ -243,7 +201,7 @@ class _Expired(Exception):
         self.status_code = status_code
 
 
-def _download(location: str, destination: Path, status: StatusLine) -> int:
+def _download(location: str, destination: Path, progress: Progress) -> int:
     size = 0
     shown = 0.0
     # No token and no Management API rules: the URL points at Auth0's file storage and carries its own grant.
@@ -265,7 +223,7 @@ def _download(location: str, destination: Path, status: StatusLine) -> int:
                 if time.monotonic() - shown >= _SHOW_EVERY_SECONDS:
                     shown = time.monotonic()
                     of_total = f" of {_megabytes(total)}" if total else ""
-                    status.show(f"downloading the export: {_megabytes(size)}{of_total}")
+                    progress(f"downloading the export: {_megabytes(size)}{of_total}")
     return size
 
 
@@ -282,56 +240,29 @@ def _fresh_location(api: Management, job_id: str) -> str:
 
 
 async def load_file(
-    conninfo: str, settings: Settings, path: Path, *, status: StatusLine, loaded: _Loaded | None = None
+    conninfo: str,
+    settings: Settings,
+    path: Path,
+    *,
+    progress: Progress = lambda _line: None,
+    loaded: LoadedSoFar | None = None,
 ) -> BackfillReport:
-    """Loads an export file (gzip or plain NDJSON) into the copy, showing progress."""
-    pool = create_pool(conninfo, settings)
-    await pool.open(wait=True)
+    """Loads an export file (gzip or plain NDJSON) into the copy, telling `progress` how it goes."""
     started = time.monotonic()
     shown = 0.0
 
-    def progress(report: BackfillReport) -> None:
+    def committed(report: BackfillReport) -> None:
         nonlocal shown
         if loaded is not None:
             loaded.report = report
         if time.monotonic() - shown >= _SHOW_EVERY_SECONDS:
             shown = time.monotonic()
-            status.show(f"loading {path.name}: {_describe(report, time.monotonic() - started)}")
+            progress(f"loading {path.name}: {report.describe(time.monotonic() - started)}")
 
-    try:
-        report = await load_export(pool, export_lines(path), settings.delete_mode, progress=progress)
-    finally:
-        await pool.close()
-    status.show(f"loaded {path.name}: {_describe(report, time.monotonic() - started)}")
+    async with open_pool(conninfo, settings) as pool:
+        report = await load_export(pool, export_lines(path), settings.delete_mode, progress=committed)
+    progress(f"loaded {path.name}: {report.describe(time.monotonic() - started)}")
     return report
-
-
-def _describe(report: BackfillReport, elapsed: float | None = None) -> str:
-    text = (
-        f"{report.rows} rows: {report.inserted} inserted, {report.merged} merged, {report.stale} stale, "
-        f"{report.rejected} rejected"
-    )
-    if elapsed is not None and elapsed > 0:
-        text += f" ({report.rows / elapsed:,.0f} rows/s)"
-    return text
-
-
-def _interrupted(report: BackfillReport | None) -> None:
-    if report is None:
-        done = "no chunk of users was committed yet"
-    else:
-        committed = report.inserted + report.merged + report.stale
-        done = (
-            f"{committed} users committed ({report.inserted} inserted, {report.merged} merged, "
-            f"{report.stale} stale), {report.rejected} rows dead-lettered; the chunk in progress was rolled "
-            "back"
-        )
-    print(
-        f"relay backfill: interrupted; {done}. Running relay backfill again is safe: a row never overwrites "
-        "anything newer than itself",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def _job_progress(state: str, percentage: int | None, seconds_left: int | None) -> str:

@@ -3,7 +3,8 @@
 Credentials come from `AUTH0_DOMAIN`, `AUTH0_CLIENT_ID` and `AUTH0_CLIENT_SECRET`; the official SDK
 (`auth0-python`) fetches and caches a client-credentials token for the audience `https://<domain>/api/v2/`.
 Every request goes through `Management.call`, which waits out 429 answers as long as their `Retry-After` says
-(a bounded number of times) and turns 401/403 answers into an error that names the scope the request needs.
+(a bounded number of times, telling `on_rate_limit` of each wait) and turns 401/403 answers into an error that
+names the scope the request needs.
 The SDK's own retries are switched off for each request (`ONE_TRY`): they would also repeat a POST after a 5xx
 or a 409, and creating an Action twice is worse than failing once. Where the SDK's models cannot describe
 an answer (deliveries come as a bare array or as `{deliveries, next}`; a 202 may have no body),
@@ -31,6 +32,9 @@ from auth0.management.token_provider import TokenProvider
 from relay.settings import ConfigError
 
 T = TypeVar("T")
+
+RateLimited = Callable[[str, float], None]
+"""Told of each wait after a 429: what was being tried (completing "trying to …"), and the seconds to wait."""
 
 CREDENTIAL_VARIABLES = {
     "AUTH0_DOMAIN": "the tenant's canonical domain, e.g. acme.us.auth0.com (not a custom domain)",
@@ -98,6 +102,7 @@ class Management:
         sleep: Callable[[float], None] = time.sleep,
         secrets: Iterable[str] = (),
         timeout: float = 30.0,
+        on_rate_limit: RateLimited = lambda _what, _seconds: None,
     ) -> None:
         self.domain = credentials.domain
         # The SDK's provider fetches a client-credentials token for https://<domain>/api/v2/ and caches it;
@@ -110,6 +115,7 @@ class Management:
         self._sdk = ManagementClient(domain=credentials.domain, token=self._tokens.get_token, timeout=timeout)
         self._timeout = timeout
         self._sleep = sleep
+        self._on_rate_limit = on_rate_limit
         self._secrets = tuple(s for s in (credentials.client_secret, *secrets) if s)
 
     def call(self, what: str, scope: str, request: Callable[[ManagementClient, RequestOptions], T]) -> T:
@@ -133,7 +139,7 @@ class Management:
             if refusal.status != 429 or attempt == MAX_ATTEMPTS:
                 raise self._error(refusal.explain(what, scope), refusal.status) from None
             wait = retry_after(refusal.headers)
-            print(f"  rate limited by Auth0 while trying to {what}; retrying in {wait:g} s", flush=True)
+            self._on_rate_limit(what, wait)
             self._sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 

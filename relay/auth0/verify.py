@@ -2,36 +2,24 @@
 
 It creates a throw-away user (random example.com email, random password) in a database connection and waits
 for its row in `users`. Then it renames the user and waits for the new name, and deletes the user and waits
-for the tombstone. Each step prints how long the change took to arrive, counted from the Management API
-request. If anything fails, the user is deleted again so the tenant is left as it was. The relay keeps the
-tombstone row, as it does for every deleted user. Only the Management API is written to; the database is
-only read.
+for the tombstone. Each step tells `progress` how long the change took to arrive, counted from the Management
+API request. If anything fails, the caller deletes the user again (`clean_up`) so the tenant is left as it
+was. The relay keeps the tombstone row, as it does for every deleted user. Only the Management API is written
+to; the database is only read.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-import psycopg
-
-from relay.auth0.management import Credentials, Management, ManagementError
+from relay import store
+from relay.auth0.management import Management, ManagementError
 from relay.settings import Settings
-from relay.store import FIND_USER, connection_options
-
-_DATABASE_HINT = "point DATABASE_URL and RELAY_DB_SCHEMA at the relay's database"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredUser:
-    name: str | None
-    deleted_at: datetime | None
+from relay.store import DirectConnection, WatchedUser
 
 
 class VerificationFailed(Exception):
@@ -43,7 +31,7 @@ class StepTimedOut(VerificationFailed):
 
 
 @dataclass
-class _ThrowAwayUser:
+class ThrowAwayUser:
     email: str
     password: str
     name: str
@@ -51,53 +39,69 @@ class _ThrowAwayUser:
     user_id: str | None = None
     deleted: bool = False
 
+    @classmethod
+    def random(cls) -> ThrowAwayUser:
+        suffix = secrets.token_hex(6)
+        return cls(
+            email=f"relay-verify-{suffix}@example.com",
+            password=_throwaway_password(),
+            name=f"Relay Verify {suffix}",
+            new_name=f"Relay Verify {suffix} (renamed)",
+        )
 
-def verify_synchronization(
-    credentials: Credentials,
-    conninfo: str,
-    settings: Settings,
-    *,
-    connection: str,
-    timeout: float = 60.0,
-    poll_interval: float = 0.2,
-) -> int:
-    """Runs `relay verify`; returns the exit status."""
-    api = Management(credentials)
-    suffix = secrets.token_hex(6)
-    user = _ThrowAwayUser(
-        email=f"relay-verify-{suffix}@example.com",
-        password=_throwaway_password(),
-        name=f"Relay Verify {suffix}",
-        new_name=f"Relay Verify {suffix} (renamed)",
-    )
-    try:
-        with psycopg.connect(conninfo, **connection_options(settings)) as database:
-            _check_database(database, settings.db_schema)
-            _say(f"Auth0 tenant {api.domain}, connection {connection!r}; schema {settings.db_schema}")
-            _Verification(api, database, settings.db_schema, user, timeout, poll_interval).run(connection)
-    except (VerificationFailed, ManagementError) as error:
-        print(f"relay verify: {_one_line(error)}", file=sys.stderr, flush=True)
-        return 1
-    except psycopg.Error as error:
-        print(f"relay verify: PostgreSQL: {_one_line(error)}; {_DATABASE_HINT}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if user.user_id and not user.deleted:
-            _clean_up(api, user)
-    return 0
+    @property
+    def left_in_auth0(self) -> bool:
+        """Created in Auth0 and not deleted yet: what `clean_up` is for."""
+        return bool(self.user_id) and not self.deleted
 
 
-@dataclass
-class _Verification:
-    api: Management
-    database: psycopg.Connection[Any]
-    schema: str
-    user: _ThrowAwayUser
-    timeout: float
-    poll_interval: float
+class Verification:
+    """One run of `relay verify` against `api`'s tenant and the relay's database at `conninfo`.
 
-    def run(self, connection: str) -> None:
-        user = self.user
+    `run` raises VerificationFailed, ManagementError, or the store's errors (`NotMigrated` when the schema has
+    no users table, found before anything is created in Auth0).
+    """
+
+    def __init__(
+        self,
+        api: Management,
+        conninfo: str,
+        settings: Settings,
+        *,
+        connection: str,
+        timeout: float = 60.0,
+        poll_interval: float = 0.2,
+        progress: Callable[[str], None] = lambda _line: None,
+    ) -> None:
+        self.api = api
+        self.user = ThrowAwayUser.random()
+        self._conninfo = conninfo
+        self._settings = settings
+        self._schema = settings.db_schema
+        self._connection = connection
+        self._timeout = timeout
+        self._poll_interval = poll_interval
+        self._progress = progress
+
+    def run(self) -> None:
+        with store.direct_connection(self._conninfo, self._settings) as database:
+            store.find_watched_user(database, "")
+            self._progress(
+                f"Auth0 tenant {self.api.domain}, connection {self._connection!r}; schema {self._schema}"
+            )
+            self._create_rename_delete(database)
+
+    def clean_up(self) -> None:
+        """Deletes the throw-away user from Auth0 (ManagementError if Auth0 refuses)."""
+        user_id = self.user.user_id or ""
+        self.api.call(
+            "delete the test user",
+            "delete:users",
+            lambda sdk, once: sdk.users.delete(user_id, request_options=once),
+        )
+
+    def _create_rename_delete(self, database: DirectConnection) -> None:
+        user, connection, schema, say = self.user, self._connection, self._schema, self._progress
         started = time.monotonic()
         created = self.api.call(
             f"create a user in connection {connection!r}",
@@ -115,9 +119,9 @@ class _Verification:
         if not created.user_id:
             raise ManagementError("Auth0 created the user but did not return its user_id")
         user_id = user.user_id = created.user_id
-        _say(f"created {user_id} ({user.email}) in Auth0")
-        waited = self._wait("user.created", "its row", started, lambda row: row is not None)
-        _say(f"user.created: row in {self.schema}.users after {waited:.1f} s")
+        say(f"created {user_id} ({user.email}) in Auth0")
+        waited = self._wait(database, "user.created", "its row", started, lambda row: row is not None)
+        say(f"user.created: row in {schema}.users after {waited:.1f} s")
 
         started = time.monotonic()
         self.api.call(
@@ -126,9 +130,13 @@ class _Verification:
             lambda sdk, once: sdk.users.update(user_id, name=user.new_name, request_options=once),
         )
         waited = self._wait(
-            "user.updated", "the new name", started, lambda row: row is not None and row.name == user.new_name
+            database,
+            "user.updated",
+            "the new name",
+            started,
+            lambda row: row is not None and row.name == user.new_name,
         )
-        _say(f"user.updated: new name in {self.schema}.users after {waited:.1f} s")
+        say(f"user.updated: new name in {schema}.users after {waited:.1f} s")
 
         started = time.monotonic()
         self.api.call(
@@ -138,55 +146,35 @@ class _Verification:
         )
         user.deleted = True
         waited = self._wait(
+            database,
             "user.deleted",
             "the tombstone (deleted_at)",
             started,
             lambda row: row is not None and bool(row.deleted_at),
         )
-        _say(f"user.deleted: tombstone in {self.schema}.users after {waited:.1f} s")
-        _say("synchronization verified: created, updated and deleted in Auth0, each seen in PostgreSQL")
+        say(f"user.deleted: tombstone in {schema}.users after {waited:.1f} s")
+        say("synchronization verified: created, updated and deleted in Auth0, each seen in PostgreSQL")
 
     def _wait(
-        self, event: str, what: str, started: float, arrived: Callable[[StoredUser | None], bool]
+        self,
+        database: DirectConnection,
+        event: str,
+        what: str,
+        started: float,
+        arrived: Callable[[WatchedUser | None], bool],
     ) -> float:
         """Seconds from `started` until `arrived` holds for the stored row; StepTimedOut after the timeout."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self._timeout
         while True:
-            row = self.database.execute(FIND_USER, {"user_id": self.user.user_id}).fetchone()
-            if arrived(StoredUser(*row) if row else None):
+            if arrived(store.find_watched_user(database, self.user.user_id or "")):
                 return time.monotonic() - started
             if time.monotonic() >= deadline:
                 raise StepTimedOut(
-                    f"timed out after {self.timeout:g} s waiting for {event}: {what} of "
-                    f"{self.user.user_id} did not reach {self.schema}.users. Look at the event stream's "
+                    f"timed out after {self._timeout:g} s waiting for {event}: {what} of "
+                    f"{self.user.user_id} did not reach {self._schema}.users. Look at the event stream's "
                     "failed deliveries in the Auth0 Dashboard and at the relay's log"
                 )
-            time.sleep(self.poll_interval)
-
-
-def _check_database(database: psycopg.Connection[Any], schema: str) -> None:
-    try:
-        database.execute(FIND_USER, {"user_id": ""})
-    except psycopg.errors.UndefinedTable:
-        raise VerificationFailed(f"no users table in schema {schema!r}; {_DATABASE_HINT}") from None
-
-
-def _clean_up(api: Management, user: _ThrowAwayUser) -> None:
-    user_id = user.user_id or ""
-    try:
-        api.call(
-            "delete the test user",
-            "delete:users",
-            lambda sdk, once: sdk.users.delete(user_id, request_options=once),
-        )
-    except ManagementError as error:
-        print(
-            f"relay verify: clean-up failed, delete {user_id} ({user.email}) by hand: {error}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
-    _say(f"clean-up: deleted {user_id} from Auth0")
+            time.sleep(self._poll_interval)
 
 
 def _throwaway_password() -> str:
@@ -195,11 +183,3 @@ def _throwaway_password() -> str:
         candidate = secrets.token_urlsafe(24) + "aZ7!"
         if not re.search(r"(.)\1\1", candidate):
             return candidate
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
