@@ -475,6 +475,11 @@ CREATE_EXPORT_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS export_lines (line jsonb NOT NULL) ON COMMIT DELETE ROWS
 """
 
+# A chunk's rows are sorted and staged twice over; with the default 4 MB that spills to temporary files.
+EXPORT_CHUNK_WORK_MEM = """
+SET LOCAL work_mem = '64MB'
+"""
+
 COPY_EXPORT_LINES = """
 COPY export_lines (line) FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')
 """
@@ -578,6 +583,7 @@ async def merge_export_chunk(
     async def work(conn: Connection) -> ExportChunkCounts:
         async with conn.transaction(), conn.cursor() as cursor:
             await cursor.execute(CREATE_EXPORT_STAGING)
+            await cursor.execute(EXPORT_CHUNK_WORK_MEM)
             if lines:
                 async with cursor.copy(COPY_EXPORT_LINES) as copy:
                     await copy.write(b"\n".join(lines))
