@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.database import Database, outcomes_recorded
 from tests.support.events import encode, new_users
-from tests.support.http import RelayProcess, relay_environment, running_relay, signed_headers
+from tests.support.http import RelayProcess, metric, relay_environment, running_relay, signed_headers
 
 pytestmark = [
     pytest.mark.integration,
@@ -106,3 +106,26 @@ def test_two_worker_processes_both_serve_events_and_every_event_is_applied(datab
 
     assert len(workers) == 2, f"only process {workers} served"
     assert outcomes_recorded(database) == dict.fromkeys(served, "applied")
+
+
+def test_a_scrape_of_either_worker_counts_the_events_of_both(database: Database) -> None:
+    """Each worker keeps its metrics in files the others read (prometheus_client's multiprocess mode), so
+    whichever worker answers a scrape, the counters are the relay's, not that one process's."""
+    env = relay_environment(database.conninfo, database.schema, RELAY_WORKERS="2")
+    events = list(new_users("met", CONNECTIONS * ROUNDS))
+    served: dict[str, int] = {}
+    with running_relay(env) as relay:
+        for start in range(0, len(events), CONNECTIONS):
+            served |= post_on_connections_of_their_own(relay, events[start : start + CONNECTIONS])
+            if len(set(served.values())) >= 2:
+                break
+        # A fresh connection for each scrape: either worker may accept it.
+        scrapes = [httpx.get(f"{relay.url}/metrics", timeout=15).text for _ in range(10)]
+        served_by_both = len(set(served.values())) == 2
+
+    assert served_by_both, "one worker took every connection; nothing to add up"
+    for scrape in scrapes:
+        assert metric(scrape, "relay_events_total", type="user.created", outcome="applied") == len(served)
+        assert metric(scrape, "relay_http_requests_total", path="/events/action", status_code="200") == len(
+            served
+        )
