@@ -93,15 +93,22 @@ def post_on_connections_of_their_own(relay: RelayProcess, events: list[dict[str,
             client.close()
 
 
+def post_until_both_workers_served(relay: RelayProcess, prefix: str) -> dict[str, int]:
+    """Rounds of new users' events until two worker processes have each answered some; which one answered
+    each event."""
+    events = list(new_users(prefix, CONNECTIONS * ROUNDS))
+    served: dict[str, int] = {}
+    for start in range(0, len(events), CONNECTIONS):
+        served |= post_on_connections_of_their_own(relay, events[start : start + CONNECTIONS])
+        if len(set(served.values())) >= 2:
+            break
+    return served
+
+
 def test_two_worker_processes_both_serve_events_and_every_event_is_applied(database: Database) -> None:
     env = relay_environment(database.conninfo, database.schema, RELAY_WORKERS="2")
-    events = list(new_users("wrk", CONNECTIONS * ROUNDS))
-    served: dict[str, int] = {}
     with running_relay(env) as relay:
-        for start in range(0, len(events), CONNECTIONS):
-            served |= post_on_connections_of_their_own(relay, events[start : start + CONNECTIONS])
-            if len(set(served.values())) >= 2:
-                break
+        served = post_until_both_workers_served(relay, "wrk")
         workers = set(child_processes(relay.process.pid)) & set(served.values())
 
     assert len(workers) == 2, f"only process {workers} served"
@@ -112,13 +119,8 @@ def test_a_scrape_of_either_worker_counts_the_events_of_both(database: Database)
     """Each worker keeps its metrics in files the others read (prometheus_client's multiprocess mode), so
     whichever worker answers a scrape, the counters are the relay's, not that one process's."""
     env = relay_environment(database.conninfo, database.schema, RELAY_WORKERS="2")
-    events = list(new_users("met", CONNECTIONS * ROUNDS))
-    served: dict[str, int] = {}
     with running_relay(env) as relay:
-        for start in range(0, len(events), CONNECTIONS):
-            served |= post_on_connections_of_their_own(relay, events[start : start + CONNECTIONS])
-            if len(set(served.values())) >= 2:
-                break
+        served = post_until_both_workers_served(relay, "met")
         # A fresh connection for each scrape: either worker may accept it.
         scrapes = [httpx.get(f"{relay.url}/metrics", timeout=15).text for _ in range(10)]
         served_by_both = len(set(served.values())) == 2

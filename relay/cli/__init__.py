@@ -190,24 +190,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
     from relay.cli.deliveries import deliveries, redeliver
 
+    chosen = {
+        "stream_id": args.stream_id,
+        "stream_name": args.stream_name,
+        "since": args.since,
+        "until": args.until,
+        "types": args.types,
+    }
     if command == "deliveries":
-        return deliveries(
-            os.environ,
-            stream_id=args.stream_id,
-            stream_name=args.stream_name,
-            since=args.since,
-            until=args.until,
-            types=args.types,
-        )
-    return redeliver(
-        os.environ,
-        stream_id=args.stream_id,
-        stream_name=args.stream_name,
-        event_id=args.event_id,
-        since=args.since,
-        until=args.until,
-        types=args.types,
-    )
+        return deliveries(os.environ, **chosen)
+    return redeliver(os.environ, event_id=args.event_id, **chosen)
 
 
 def _positive(text: str) -> int:
