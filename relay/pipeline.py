@@ -28,14 +28,10 @@ from relay.events import EventKind, Item, OtherEvent, Undecodable, UserEvent
 from relay.handlers import Outcome, UserState, apply_event
 from relay.observability import BATCH_SIZE, COMMIT_SECONDS, count_events, observe_lag
 from relay.settings import DeleteMode, Settings
+from relay.signing import DIAGNOSTIC_HEADERS
 from relay.store import BatchWrites, LedgerRow, NewDeadLetter, ReplayFailure, StoredUser
 
 log = logging.getLogger("relay.pipeline")
-
-# Only these request headers are kept with a dead letter: never credentials or signatures.
-DIAGNOSTIC_HEADERS = frozenset(
-    {"content-type", "content-length", "user-agent", "webhook-id", "webhook-timestamp", "x-request-id"}
-)
 
 
 class Delivery(msgspec.Struct, frozen=True):

@@ -19,6 +19,8 @@ from typing import Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from relay.signing import HEADERS_NOT_FOR_CREDENTIALS
+
 DeleteMode = Literal["soft", "scrub"]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -212,8 +214,11 @@ def _header_pairs(value: str | None) -> list[tuple[str, str]]:
         name, header_value = name.strip(), header_value.strip()
         if not (colon and _HEADER_NAME.fullmatch(name) and header_value):
             raise ConfigError("RELAY_WEBHOOK_HEADER: expected comma-separated 'Header-Name:value' pairs")
-        if name.lower() in ("authorization", "content-type", "content-length", "host"):
-            raise ConfigError(f"RELAY_WEBHOOK_HEADER: {name!r} cannot carry a custom-header credential")
+        if name.lower() in HEADERS_NOT_FOR_CREDENTIALS:
+            raise ConfigError(
+                f"RELAY_WEBHOOK_HEADER: {name!r} cannot carry a custom-header credential "
+                "(the request needs it for itself, or a dead letter keeps it for diagnosis)"
+            )
         pairs.append((name.lower(), header_value))
     return pairs
 

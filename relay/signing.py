@@ -14,6 +14,14 @@ from collections.abc import Iterable, Mapping
 
 TIMESTAMP_TOLERANCE_SECONDS = 300
 
+# Request headers that never carry a credential, kept with a dead letter so a person can tell where it came
+# from. A custom-header credential may not use any of these names (nor the ones the request needs for itself),
+# or it would be stored in clear.
+DIAGNOSTIC_HEADERS = frozenset(
+    {"content-type", "content-length", "user-agent", "webhook-id", "webhook-timestamp", "x-request-id"}
+)
+HEADERS_NOT_FOR_CREDENTIALS = DIAGNOSTIC_HEADERS | {"authorization", "host", "webhook-signature"}
+
 
 class Rejected(Exception):
     """The request is not authentic; `reason` says why, for the 401 body, and `code` names the kind of

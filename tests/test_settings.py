@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.settings import ConfigError, Settings
+from relay.signing import DIAGNOSTIC_HEADERS
 from tests.support import REPO
 
 # 24-byte and 32-byte keys in Standard Webhooks format.
@@ -211,3 +212,15 @@ def test_relay_serve_refuses_bad_configuration_in_one_line(variable, value):
     assert lines[0].startswith(f"relay: configuration error: {variable}: ")
     assert "Traceback" not in finished.stderr
     assert TOO_SHORT_SECRET.removeprefix("whsec_") not in finished.stderr
+
+
+@pytest.mark.parametrize("name", sorted(DIAGNOSTIC_HEADERS))
+def test_a_custom_header_credential_may_not_use_a_header_kept_with_dead_letters(name):
+    """Issue 10, item 4: a dead letter keeps its request's diagnostic headers, so a credential sent in one of
+    them would be stored in clear."""
+    message = config_error({"RELAY_WEBHOOK_HEADER": f"{name.title()}:s3cret-value"})
+
+    assert message == (
+        f"RELAY_WEBHOOK_HEADER: {name.title()!r} cannot carry a custom-header credential "
+        "(the request needs it for itself, or a dead letter keeps it for diagnosis)"
+    )
