@@ -71,16 +71,19 @@ def check_origins(
     """Raises `NotAllowed` when an item names a tenant or stream outside the allow-lists (when set).
 
     A body holding such an item is refused whole: it is not ours to keep, not even as a dead letter, and the
-    failures Auth0 records make the misdirected stream visible. An item that is not even a JSON object names
-    no origin; it is dead-lettered like any undecodable body, since the credentials that came with it are
-    ours.
+    failures Auth0 records make the misdirected stream visible. An item that is not even a JSON object cannot
+    say where it comes from, so it is refused too: with the allow-lists set, the relay keeps nothing it
+    cannot place, however authentic the request.
     """
     if not (allowed_tenants or allowed_streams):
         return
     for item in items:
         origin = item.origin
         if origin is None:
-            continue
+            variable = "RELAY_ALLOWED_TENANTS" if allowed_tenants else "RELAY_ALLOWED_STREAMS"
+            raise NotAllowed(
+                f"the body is not a JSON object naming its origin; this relay accepts only {variable}"
+            )
         for allowed, name, what, variable in (
             (allowed_tenants, origin.tenant, "tenant (a0tenant)", "RELAY_ALLOWED_TENANTS"),
             (allowed_streams, origin.stream, "event stream (a0stream)", "RELAY_ALLOWED_STREAMS"),

@@ -147,11 +147,18 @@ async def test_a_refusal_never_echoes_an_absurdly_long_tenant_whole(pool: Any, d
 
 
 @pytest.mark.anyio
-async def test_a_body_that_is_not_a_json_object_is_still_dead_lettered(pool: Any, database: Database) -> None:
-    [result] = await deliver_body(pool, database, b"\x00 not json", tenants={TENANT}, streams={STREAM})
-    assert result.outcome == "dead_lettered"
-    assert [letter.body for letter in dead_letters(database)] == [b"\x00 not json"]
-    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+async def test_a_body_that_is_not_a_json_object_is_refused_and_not_kept(
+    pool: Any, database: Database
+) -> None:
+    """Issue 10, item 5: it cannot say which tenant it comes from, and it may hold another tenant's data."""
+    for body in (b"\x00 not json", b'[{"a0tenant": "acme", "broken":', b"[7]"):
+        with pytest.raises(NotAllowed) as refused:
+            await deliver_body(pool, database, body, tenants={TENANT}, streams={STREAM})
+        assert str(refused.value) == (
+            "the body is not a JSON object naming its origin; "
+            "this relay takes only those in RELAY_ALLOWED_TENANTS"
+        )
+    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 0}
 
 
 @pytest.mark.anyio
