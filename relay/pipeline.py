@@ -82,7 +82,7 @@ def check_origins(
         if origin is None:
             variable = "RELAY_ALLOWED_TENANTS" if allowed_tenants else "RELAY_ALLOWED_STREAMS"
             raise NotAllowed(
-                f"the body is not a JSON object naming its origin; this relay accepts only {variable}"
+                f"the body is not a JSON object naming its origin; this relay takes only those in {variable}"
             )
         for allowed, name, what, variable in (
             (allowed_tenants, origin.tenant, "tenant (a0tenant)", "RELAY_ALLOWED_TENANTS"),
