@@ -5,7 +5,12 @@ The stream is read from the cursor stored by the previous run, or from `--since`
 the three user event types. Each message carries an opaque offset (its SSE `id`, also `data.offset`); its
 `data` is `{"offset": …, "event": <the CloudEvent>}`, and the CloudEvent goes through the same pipeline as
 live traffic, in batches. An event already received live is recorded as a duplicate by the ledger; one that
-cannot be decoded or stored is kept in `dead_letters`.
+cannot be decoded or stored is kept in `dead_letters`, and so is the data of a message that holds no event
+(`event_in_letter` tells the two apart when a dead letter is replayed).
+
+The allow-lists hold here as on the live routes, judged per event by `check_origins`: an event from a tenant
+or stream outside `RELAY_ALLOWED_TENANTS` / `RELAY_ALLOWED_STREAMS` is neither applied nor kept, not even as a
+dead letter, only counted as refused; the cursor moves past it, and its batch-mates are applied.
 
 The cursor is stored in PostgreSQL (`event_cursors`) after each committed batch, and `offset-only` messages
 (heartbeats that carry a position but no event) advance it too. A batch interrupted before its commit is
@@ -21,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -29,7 +34,7 @@ import msgspec
 from relay import store
 from relay.auth0.management import MAX_ATTEMPTS, Management, RateLimited, retry_after, rfc3339
 from relay.events import Item, Undecodable, decode_event
-from relay.pipeline import Delivery, Pipeline
+from relay.pipeline import Delivery, NotAllowed, Pipeline, check_origins
 from relay.settings import Settings
 from relay.store import Pool, read_cursor, save_cursor
 
@@ -49,6 +54,9 @@ DEAD_LETTER_ROUTE = "catch-up"
 EXPIRED_ADVICE = "run `relay backfill`, then `relay catch-up --since <time>`"
 _TRANSIENT_ERRORS = frozenset({"timeout", "connection_timeout"})
 _CURSOR_ERRORS = frozenset({"cursor_expired", "invalid_cursor"})
+# An event from outside the allow-lists is counted under the variable that refuses it.
+_ALLOW_LISTS = ("RELAY_ALLOWED_TENANTS", "RELAY_ALLOWED_STREAMS")
+T = TypeVar("T")
 
 
 class CatchUpFailed(Exception):
@@ -68,6 +76,7 @@ def cursor_stream(domain: str) -> str:
 class CatchUpReport:
     received: int = 0  # events committed: applied, or recorded as duplicate, stale, dead-lettered…
     outcomes: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # events passed over, by the allow-list refusing
     cursor: str | None = None  # the position stored in PostgreSQL
 
     def describe(self) -> str:
@@ -76,7 +85,15 @@ class CatchUpReport:
             for name in ("applied", "tombstoned", "stale", "duplicate", "ignored", "test", "dead_lettered")
             if self.outcomes[name] or name in ("applied", "duplicate")
         )
-        return f"{self.received} events ({counts}); cursor {self.cursor or 'none'}"
+        text = f"{self.received} events ({counts})"
+        if self.refused:
+            lists = [variable for variable in _ALLOW_LISTS if self.refused[variable]]
+            why = ", ".join(
+                f"{self.refused[variable]} not in {variable}" if len(lists) > 1 else f"not in {variable}"
+                for variable in lists
+            )
+            text += f"; {self.refused.total()} refused ({why})"
+        return f"{text}; cursor {self.cursor or 'none'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +116,18 @@ class _Failed:
 _Item = _Connected | _Received | _Failed
 
 
-class _Payload(msgspec.Struct, forbid_unknown_fields=False):
-    offset: str | None = None
-    event: msgspec.Raw = msgspec.Raw(b"")  # empty when absent
-    error: dict[str, Any] | None = None
+@dataclass(frozen=True, slots=True)
+class NoEvent:
+    """A catch-up dead letter that holds no event to replay, and why."""
+
+    reason: str
 
 
-_payload_decoder = msgspec.json.Decoder(_Payload)
+# A message's `data` is read member by member, the event kept raw for the one event decoder: a member of an
+# unexpected type (an offset sent as a number, say) costs that member only, never the event beside it.
+_members_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# msgspec reports invalid UTF-8 as UnicodeDecodeError, and JSON nested beyond the stack as RecursionError.
+_READ_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 @dataclass
@@ -218,7 +240,7 @@ async def catch_up(
                 batch.cursor = item.offset
             if item.body is not None:
                 idle_deadline = loop.time() + idle_seconds
-                batch.add(item)
+                batch.add(item, pipeline)
             if len(batch.items) >= batch_max_events:
                 await flush()
     finally:
@@ -231,22 +253,40 @@ async def catch_up(
 @dataclass
 class _Batch:
     items: list[Item] = field(default_factory=list)
+    refused: Counter[str] = field(default_factory=Counter)  # events outside the allow-lists, passed over
     cursor: str | None = None
     started: float = 0.0
 
-    def add(self, item: _Received) -> None:
+    def add(self, item: _Received, pipeline: Pipeline) -> None:
         assert item.body is not None
-        if item.problem is not None:
-            self.items.append(Undecodable(item.body, item.problem))
+        decoded = decode_event(item.body) if item.problem is None else Undecodable(item.body, item.problem)
+        refusing = _refusing_list(decoded, pipeline)
+        if refusing is None:
+            self.items.append(decoded)
         else:
-            self.items.append(decode_event(item.body))
+            self.refused[refusing] += 1
 
     def is_empty(self, stored_cursor: str | None) -> bool:
-        return not self.items and (self.cursor is None or self.cursor == stored_cursor)
+        return not self.items and not self.refused and (self.cursor is None or self.cursor == stored_cursor)
 
     def clear(self) -> None:
         self.items = []
+        self.refused = Counter()
         self.cursor = None
+
+
+def _refusing_list(item: Item, pipeline: Pipeline) -> str | None:
+    """The allow-list (its variable) that refuses `item`, judged exactly as the live routes judge a body
+    (`check_origins`), or None when the item is ours to apply or keep."""
+    for variable, tenants, streams in (
+        (_ALLOW_LISTS[0], pipeline.allowed_tenants, frozenset[str]()),
+        (_ALLOW_LISTS[1], frozenset[str](), pipeline.allowed_streams),
+    ):
+        try:
+            check_origins([item], tenants, streams)
+        except NotAllowed:
+            return variable
+    return None
 
 
 async def _commit(pool: Pool, pipeline: Pipeline, stream: str, batch: _Batch, report: CatchUpReport) -> None:
@@ -259,6 +299,7 @@ async def _commit(pool: Pool, pipeline: Pipeline, stream: str, batch: _Batch, re
         async with store.connection(pool) as conn:
             await save_cursor(conn, stream, batch.cursor)
         report.cursor = batch.cursor
+    report.refused.update(batch.refused)
 
 
 async def _read_events(
@@ -334,26 +375,69 @@ async def _read_forever(
 
 def _received(message: _Message) -> _Received:
     data = "\n".join(message.data).encode()
-    try:
-        payload = _payload_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as error:
-        if message.event == "offset-only":
-            return _Received(message.id)
-        return _Received(message.id, data, f"Events API message could not be read: {error}")
-    offset = message.id or payload.offset
+    members = _members(data)
+    offset = message.id or _member(members, "offset", str)
     if message.event == "offset-only":
         return _Received(offset)
-    if not payload.event:
-        return _Received(offset, data, f"Events API {message.event!r} message has no event")
-    return _Received(offset, bytes(payload.event))
+    event = _event_in(members)
+    if isinstance(event, str):
+        return _Received(offset, data, f"Events API {message.event!r} message {event}")
+    return _Received(offset, event)
+
+
+def event_in_letter(body: bytes) -> bytes | NoEvent:
+    """The CloudEvent to replay from a catch-up dead letter, or why it holds none.
+
+    Catch-up keeps either the event it could not apply, or the data of a message it took no event from; the
+    data is told apart by its `offset` or `event` member, which no CloudEvent has. A message that an older
+    relay could not read, but this one can, gives up its event.
+    """
+    members = _members(body)
+    if isinstance(members, str):
+        return NoEvent(f"the letter {members}")
+    if not members.keys() & {"offset", "event"}:
+        return body
+    event = _event_in(members)
+    return NoEvent(f"the Events API message {event}") if isinstance(event, str) else event
+
+
+def _members(data: bytes) -> dict[str, msgspec.Raw] | str:
+    """A message's members, or why it could not be read."""
+    try:
+        return _members_decoder.decode(data)
+    except RecursionError:
+        return "could not be read: JSON nested too deeply"
+    except UnicodeDecodeError:
+        return "could not be read: a JSON string is not valid UTF-8"
+    except msgspec.DecodeError as error:
+        return f"could not be read: {error}"
+
+
+def _event_in(members: dict[str, msgspec.Raw] | str) -> bytes | str:
+    """The event of a message, or why there is none (completing "the message …")."""
+    if isinstance(members, str):
+        return members
+    event = bytes(members["event"]) if "event" in members else b"null"
+    if event == b"null":
+        return "has no event"
+    if not event.startswith(b"{"):
+        return "holds an event that is not a JSON object"
+    return event
+
+
+def _member(members: dict[str, msgspec.Raw] | str, name: str, kind: type[T]) -> T | None:
+    """One member of a message, if it is there and of the kind expected."""
+    if isinstance(members, str) or name not in members:
+        return None
+    try:
+        return msgspec.json.decode(members[name], type=kind)
+    except _READ_ERRORS:  # a ValidationError is a DecodeError
+        return None
 
 
 def _check_stream_error(message: _Message, cursor: str | None, since: datetime | None, count: int) -> None:
     """Raises for a terminal `event: error`; returns when reconnecting is the cure."""
-    try:
-        error = _payload_decoder.decode("\n".join(message.data).encode()).error or {}
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        error = {}
+    error = _member(_members("\n".join(message.data).encode()), "error", dict[str, Any]) or {}
     code = str(error.get("code") or "unknown")
     words = f"{code}: {error.get('message') or 'no message'}"
     if code in _CURSOR_ERRORS:
