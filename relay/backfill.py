@@ -10,6 +10,9 @@ live path uses, then the chunk's lines go to PostgreSQL raw, through COPY, and u
 back to be merged by `handlers.apply_event`. A chunk commits whole or not at all, so an interrupted load
 leaves no half-applied chunk, and running it again is safe. Two chunks are merged at a time, on two
 connections, while the next is read.
+
+A row kept as a dead letter is replayed by `merge_row`: the same check and the same chunk merge, for a chunk
+of one, so it too never overwrites anything newer and never revives a deleted user.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -65,6 +70,15 @@ EXPORT_FIELDS = (
 
 _user_decoder = msgspec.json.Decoder(UserObject)
 
+# The deepest a row's arrays and objects may nest. msgspec's nesting limit is Python's recursion limit less the
+# depth of the call, so a row checked here, in a shallow call, could be too deep for the relay to decode where
+# it merges users (about 975 levels on Python 3.11, fewer as the call is deeper); inserted in SQL without
+# being decoded again, it would leave a user no later event could ever be merged into. This bound holds the
+# same at every call depth, far inside that limit.
+MAX_NESTING = 512
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
 
 @dataclass
 class BackfillReport:
@@ -101,6 +115,8 @@ def export_lines(path: Path) -> Iterator[bytes]:
 
 def check_row(line: bytes) -> str | None:
     """Why an export line is not an Auth0 user the copy can take, or None when it is."""
+    if line.count(b"{") + line.count(b"[") > MAX_NESTING and nesting_depth(line) > MAX_NESTING:
+        return f"not an Auth0 user the copy can keep: nested more than {MAX_NESTING} levels deep"
     try:
         checked = _user_decoder.decode(line)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
@@ -110,6 +126,19 @@ def check_row(line: bytes) -> str | None:
     if b"\\u0000" in line and holds_nul(line):
         return "the row holds a \\u0000 character, which PostgreSQL cannot store in text or jsonb"
     return None
+
+
+def nesting_depth(document: bytes) -> int:
+    """How deeply the arrays and objects of a JSON document nest, strings aside; without recursing, so it
+    answers for any depth."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub(b"", document)):
+        if bracket in (b"{", b"["):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 async def load_export(
@@ -176,17 +205,7 @@ async def _merge_chunk(
     def merge(known: list[KnownSnapshot]) -> list[UserState]:
         # Called again if the chunk is run again, so it only counts; the counts are kept once committed.
         nonlocal merged, stale
-        merged = stale = 0
-        states = []
-        for snapshot in known:
-            state = snapshot.stored.state(snapshot.user_id)
-            if apply_event(state, _as_event(snapshot), delete_mode) is Outcome.STALE:
-                stale += 1
-                if snapshot.stored.holds(state):
-                    continue  # nothing to write: the same export loaded again, say
-            else:
-                merged += 1
-            states.append(state)
+        states, merged, stale = _merge_known(known, delete_mode)
         return states
 
     async def commit(part: Sequence[bytes], refused: Sequence[NewDeadLetter] = ()) -> None:
@@ -205,6 +224,60 @@ async def _merge_chunk(
         await store.commit_isolating(lines, commit, set_aside, what="row")
     if unwritten:
         await commit([])
+
+
+def _merge_known(known: list[KnownSnapshot], delete_mode: DeleteMode) -> tuple[list[UserState], int, int]:
+    """The known users of a chunk with their rows merged in by the handlers: the states to write, and how
+    many rows were newer in some field (merged) and how many in none (stale)."""
+    merged = stale = 0
+    states = []
+    for snapshot in known:
+        state = snapshot.stored.state(snapshot.user_id)
+        if apply_event(state, _as_event(snapshot), delete_mode) is Outcome.STALE:
+            stale += 1
+            if snapshot.stored.holds(state):
+                continue  # nothing to write: the same export loaded again, say
+        else:
+            merged += 1
+        states.append(state)
+    return states, merged, stale
+
+
+@dataclass(frozen=True, slots=True)
+class RowMerged:
+    """What one export row did: inserted a user the copy did not have, merged into a known one (newer in
+    some field), or changed nothing (stale: what is stored is newer)."""
+
+    user_id: str
+    outcome: Literal["inserted", "merged", "stale"]
+
+
+async def merge_row(pool: Pool, line: bytes, delete_mode: DeleteMode) -> RowMerged | str:
+    """One export row, kept as a dead letter, merged again exactly as a chunk's rows are (`check_row`, then
+    the chunk merge, for a chunk of one) and committed; or why it still cannot go in, when nothing is
+    written at all (no second dead letter either: the caller holds the row)."""
+    problem = check_row(line)
+    if problem is not None:
+        return problem
+    user_id = _user_decoder.decode(line).user_id
+    merged = 0
+
+    def merge(known: list[KnownSnapshot]) -> list[UserState]:
+        nonlocal merged
+        states, merged, _stale = _merge_known(known, delete_mode)
+        return states
+
+    async def commit(rows: Sequence[bytes]) -> RowMerged | str:
+        counts = await store.merge_export_chunk(pool, rows, [], BACKFILL_VERSION_ID, merge)
+        if counts.inserted:
+            return RowMerged(user_id, "inserted")
+        return RowMerged(user_id, "merged" if merged else "stale")
+
+    async def refused(_row: bytes, reason: str) -> RowMerged | str:
+        return reason
+
+    [done] = await store.commit_isolating([line], commit, refused, what="row")
+    return done
 
 
 def _as_event(snapshot: KnownSnapshot) -> UserEvent:

@@ -1,10 +1,20 @@
 """Operator tasks on what the relay has stored: dead letters (`relay dead-letters list | show | replay |
 resolve`) and retention (`relay prune`). The SQL is in `store.py`; what the commands print is in `relay/cli/`.
 
-A replay hands a dead letter's stored body to the pipeline again, so it meets the current decoder, handlers
-and allow-lists exactly as a new delivery would, and is applied at most once whatever happens (the ledger
-sees to that). The same transaction that applies its events resolves the dead letter, or, if an item still
-fails, records the new error on it; no second copy of the body is made.
+A replay treats each dead letter as what its route says it holds:
+
+- a body as it was delivered (`action`, `webhook`, and any other way in that hands the pipeline events) goes
+  to the pipeline again, so it meets the current decoder, handlers and allow-lists exactly as a new delivery
+  would, and is applied at most once whatever happens (the ledger sees to that). The same transaction that
+  applies its events resolves the letter, or, if an item still fails, records the new error on it; no
+  second copy of the body is made.
+- a `catch-up` letter is the one event catch-up could not apply, replayed likewise, or the data of an Events
+  API message that held no event (`catch_up.event_in_letter` tells which): nothing to replay, so it is
+  reported as not replayable, with why, and left for a person to read and resolve.
+- a `backfill` letter is an export row, merged again by the backfill's own rules (`backfill.merge_row`), so
+  it never overwrites anything newer and never revives a deleted user. The export merge cannot resolve a
+  letter in its own transaction, so the letter is resolved just after it commits; if the command stops in
+  between, the next replay finds the row stale and resolves it then.
 """
 
 from __future__ import annotations
@@ -15,12 +25,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from relay import store
-from relay.events import Undecodable, decode_body
+from relay import backfill, store
+from relay.auth0 import catch_up
+from relay.events import Item, Undecodable, decode_body, decode_event
 from relay.handlers import Outcome
 from relay.pipeline import Delivery, NotAllowed, Pipeline, check_origins
 from relay.settings import Settings
-from relay.store import Connection, DeadLetter, DeadLetterSummary, Pool
+from relay.store import (
+    BatchWrites,
+    Connection,
+    DeadLetter,
+    DeadLetterSummary,
+    Pool,
+    ReplayFailure,
+    StoredUser,
+)
 
 # Unresolved dead letters are replayed a page at a time, so their bodies are never all in memory at once.
 REPLAY_PAGE = 100
@@ -83,16 +102,31 @@ async def resolve_dead_letter(pool: Pool, letter_id: int) -> Resolution:
 # Replay
 
 
+ReplayStatus = Literal["resolved", "failing", "not replayable", "already resolved", "not found"]
+
+
 @dataclass(frozen=True, slots=True)
 class Replayed:
     letter_id: int
-    status: Literal["resolved", "failing", "already resolved", "not found"]
-    detail: str = ""
+    status: ReplayStatus
+    detail: str = ""  # what went in, why it still fails, or why there is nothing to replay
 
 
-async def replay_dead_letter(pipeline: Pipeline, letter: DeadLetter) -> Replayed:
-    """Runs one dead letter's body through the pipeline; it is resolved if all of its events went in."""
-    items = decode_body(letter.body)
+async def replay_dead_letter(
+    pipeline: Pipeline, pool: Pool, settings: Settings, letter: DeadLetter
+) -> Replayed:
+    """Replays one dead letter as its route calls for; it is resolved if what it holds went in."""
+    if letter.route == backfill.DEAD_LETTER_ROUTE:
+        return await _replay_export_row(pool, settings, letter)
+    if letter.route == catch_up.DEAD_LETTER_ROUTE:
+        event = catch_up.event_in_letter(letter.body)
+        if isinstance(event, catch_up.NoEvent):
+            return Replayed(letter.id, "not replayable", event.reason)
+        return await _replay_events(pipeline, letter, [decode_event(event)])
+    return await _replay_events(pipeline, letter, decode_body(letter.body))
+
+
+async def _replay_events(pipeline: Pipeline, letter: DeadLetter, items: list[Item]) -> Replayed:
     try:
         check_origins(items, pipeline.allowed_tenants, pipeline.allowed_streams)
     except NotAllowed as refused:
@@ -106,10 +140,32 @@ async def replay_dead_letter(pipeline: Pipeline, letter: DeadLetter) -> Replayed
     return Replayed(letter.id, "resolved", ", ".join(f"{r.id} {r.outcome.value}" for r in results))
 
 
+async def _replay_export_row(pool: Pool, settings: Settings, letter: DeadLetter) -> Replayed:
+    merged = await backfill.merge_row(pool, letter.body, settings.delete_mode)
+    if isinstance(merged, str):
+        if merged != letter.error:
+            await _record_replay_failure(pool, letter.id, merged)
+        return Replayed(letter.id, "failing", merged)
+    async with store.connection(pool) as conn:
+        await store.resolve_dead_letter(conn, letter.id)
+    return Replayed(letter.id, "resolved", f"export row of {merged.user_id} {merged.outcome}")
+
+
+async def _record_replay_failure(pool: Pool, letter_id: int, error: str) -> None:
+    """The new error on a letter that still fails, written as a failing event replay's is: by the batch
+    statement's `replay_failures`, with nothing else in the batch."""
+
+    def writes(_processed: frozenset[str], _known: dict[str, StoredUser]) -> BatchWrites:
+        return BatchWrites(replay_failures=[ReplayFailure(letter_id, error)])
+
+    await store.commit_batch(pool, [], [], writes)
+
+
 async def replay_dead_letters(
     pool: Pool, letter_ids: Sequence[int], settings: Settings
 ) -> AsyncIterator[Replayed]:
-    """Replays the given dead letters, or every unresolved one when none is given, oldest first."""
+    """Replays the given dead letters, or every unresolved one when none is given, oldest first; one that
+    cannot be replayed, or still fails, is reported and the rest go on."""
     pipeline = Pipeline(pool, settings)
     if letter_ids:
         for letter_id in letter_ids:
@@ -120,7 +176,7 @@ async def replay_dead_letters(
             elif letter.resolved_at is not None:
                 yield Replayed(letter_id, "already resolved", f"at {iso_utc(letter.resolved_at)}")
             else:
-                yield await replay_dead_letter(pipeline, letter)
+                yield await replay_dead_letter(pipeline, pool, settings, letter)
         return
 
     after = 0
@@ -132,7 +188,7 @@ async def replay_dead_letters(
                 letter = await store.find_dead_letter(conn, letter_id)
             # Resolved or pruned by someone else since the page was read: nothing left to do.
             if letter is not None and letter.resolved_at is None:
-                yield await replay_dead_letter(pipeline, letter)
+                yield await replay_dead_letter(pipeline, pool, settings, letter)
         if len(page) < REPLAY_PAGE:
             return
         after = page[-1]

@@ -18,6 +18,25 @@ from relay.observability import configure_logging
 from relay.settings import ConfigError, Settings
 from relay.store import StoreError
 
+# `relay dead-letters replay --help`, laid out by hand (argparse would run the table together).
+REPLAY_DESCRIPTION = """\
+Replays each dead letter as its route calls for: an event body (routes action, webhook, catch-up)
+through the current decoder, allow-lists and handlers, like a new delivery; an export row (route
+backfill) through the backfill's rules, so it never overwrites anything newer and never revives a
+deleted user."""
+REPLAY_STATUSES = """\
+each dead letter is reported as one of:
+  resolved          it went in (applied, stale, duplicate, ...) and is marked resolved
+  failing           it still cannot go in; the letter keeps the new error and stays unresolved
+  not replayable    it holds nothing to replay (an Events API message with no event, say); left as
+                    it is: read it with `relay dead-letters show ID`, then `relay dead-letters resolve ID`
+  already resolved  (an ID given) nothing to do
+  not found         (an ID given) there is no such dead letter
+
+exit status: 0 when nothing that could be replayed failed (not replayable ones do not count);
+1 when a letter still fails or an ID given was not found. Without IDs, every unresolved letter is
+taken, oldest first, and one that fails or is not replayable never stops the others."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay", description="Keeps a PostgreSQL copy of Auth0 users.")
@@ -54,8 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("id", type=int)
     replay = letter_commands.add_parser(
         "replay",
-        help="run stored bodies through the current decoder and handlers; resolves those that go in "
-        "(exit status 1 if any still fails)",
+        help="replay dead letters with the current relay; resolves those that go in "
+        "(exit status 1 if one that could be replayed still fails)",
+        description=REPLAY_DESCRIPTION,
+        epilog=REPLAY_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("ids", type=int, nargs="*", metavar="ID", help="default: every unresolved one")
     resolve = letter_commands.add_parser("resolve", help="mark a dead letter resolved without replaying it")

@@ -1,6 +1,7 @@
 """`relay dead-letters list | show | replay | resolve`: stored bodies and errors shown with their control
 characters escaped (they are someone else's text, and must not drive the terminal); exit status 1 when the
-dead letter asked for is not there, or a replay still fails."""
+dead letter asked for is not there, or a replay still fails. A letter that holds nothing to replay is
+reported with why and left as it is, without failing the replay: a person reads it and resolves it."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ async def show(conninfo: str, settings: Settings, letter_id: int) -> int:
 
 
 async def replay(conninfo: str, settings: Settings, letter_ids: Sequence[int]) -> int:
-    """Exit status 1 when any dead letter still fails or was not found, so scripts can tell."""
+    """Exit status 1 when a dead letter that could be replayed still fails, or one asked for was not found,
+    so scripts can tell; one that holds nothing to replay does not count against it."""
     counts: dict[str, int] = {}
     async with open_pool(conninfo, settings) as pool:
         async for replayed in operations.replay_dead_letters(pool, letter_ids, settings):
@@ -96,6 +98,11 @@ async def replay(conninfo: str, settings: Settings, letter_ids: Sequence[int]) -
         print("no unresolved dead letters")
         return 0
     print("replayed: " + ", ".join(f"{count} {status}" for status, count in counts.items()))
+    if "not replayable" in counts:
+        print(
+            "not replayable ones are left unresolved: read each with `relay dead-letters show ID`, then mark "
+            "it handled with `relay dead-letters resolve ID`"
+        )
     return 1 if counts.keys() & {"failing", "not found"} else 0
 
 
