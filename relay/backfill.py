@@ -70,11 +70,11 @@ EXPORT_FIELDS = (
 
 _user_decoder = msgspec.json.Decoder(UserObject)
 
-# The deepest a row's arrays and objects may nest. msgspec's nesting limit is Python's recursion limit less the
-# depth of the call, so a row checked here, in a shallow call, could be too deep for the relay to decode where
-# it merges users (about 975 levels on Python 3.11, fewer as the call is deeper); inserted in SQL without
-# being decoded again, it would leave a user no later event could ever be merged into. This bound holds the
-# same at every call depth, far inside that limit.
+# The deepest a row's arrays and objects may nest. msgspec's nesting limit is Python's recursion limit less
+# the depth of the call, so a row checked here, in a shallow call, could be too deep for the relay to decode
+# where it merges users (about 975 levels on Python 3.11, fewer as the call is deeper); inserted in SQL
+# without being decoded again, it would leave a user no later event could ever be merged into. This bound
+# holds the same at every call depth, far inside that limit.
 MAX_NESTING = 512
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(rb"[\[\]{}]")
