@@ -1,12 +1,12 @@
 """`relay catch-up`: the Events API played by respx as a real server-sent event stream, delivered in chunks
-that split lines, applied to real PostgreSQL through the same handlers as live traffic."""
+that split lines, applied to real PostgreSQL through the same handlers as live traffic, and held to the same
+allow-lists: an event from another tenant or stream is passed over, never stored."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -14,59 +14,26 @@ import httpx
 import pytest
 
 from relay.auth0.catch_up import catch_up, cursor_stream
-from relay.auth0.management import Credentials, Management
+from relay.auth0.management import Management
 from relay.cli import main
 from relay.cli.progress import StatusLine
 from relay.events import decode_body
+from relay.operations import Replayed, replay_dead_letters
 from relay.pipeline import Delivery
-from tests.support.auth0 import (
-    ACCESS_TOKEN,
-    AUTH0_CLIENT_ID,
-    AUTH0_CLIENT_SECRET,
-    AUTH0_DOMAIN,
-    MANAGEMENT_API,
-    management_api,
-)
-from tests.support.database import Database
+from tests.support.auth0 import ACCESS_TOKEN, AUTH0_DOMAIN, management_api
+from tests.support.database import NOTHING_STORED, Database, dead_letters, row_counts
 from tests.support.events import cloudevent, encode, fixture
+from tests.support.events_api import CREDENTIALS, EVENTS_URL, message, no_wait, stream_response
 
-EVENTS_URL = f"{MANAGEMENT_API}/events"
-CREDENTIALS = Credentials(AUTH0_DOMAIN, AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET)
 USER_ID = "auth0|679fb1b1e809445f129bc18d"
 STREAM = cursor_stream(AUTH0_DOMAIN)
 EXPIRED_MESSAGE = "the stored cursor has expired: run `relay backfill`, then `relay catch-up --since <time>`"
-
-
-def message(offset: str, event: dict[str, Any] | None = None) -> str:
-    """One SSE message as the Events API sends it: the offset as `id`, and again inside `data`."""
-    if event is None:
-        return f"event: offset-only\nid: {offset}\ndata: {json.dumps({'offset': offset})}\n\n"
-    payload = json.dumps({"offset": offset, "event": event})
-    return f"event: {event['type']}\nid: {offset}\ndata: {payload}\n\n"
-
-
-async def sse_body(text: str, *, chunk_size: int = 29, stay_open: bool = True) -> AsyncIterator[bytes]:
-    """The stream in small chunks that cut lines in two, then open and silent, as an idle stream is."""
-    data = (":connected\n\nretry: 2000\n\n" + text).encode()
-    for start in range(0, len(data), chunk_size):
-        yield data[start : start + chunk_size]
-        await asyncio.sleep(0)
-    if stay_open:
-        await asyncio.sleep(3600)
-
-
-def stream_response(text: str, **options: Any) -> httpx.Response:
-    return httpx.Response(
-        200, headers={"content-type": "text/event-stream"}, content=sse_body(text, **options)
-    )
+SINCE = datetime.fromisoformat("2025-02-01T00:00:00Z")
+TENANT, EVENT_STREAM = "acme", "est_38ANnv8pQhqsZrX2VFbftv"  # the fixtures' a0tenant and a0stream
 
 
 def undecodable_update() -> dict[str, Any]:
     return cloudevent("user.updated", id="evt_Undecodable0000000001", user_id=...)
-
-
-async def no_wait(_seconds: float) -> None:
-    await asyncio.sleep(0)
 
 
 async def run_catch_up(pool: Any, database: Database, **options: Any) -> tuple[Any, str]:
@@ -290,3 +257,170 @@ def test_a_refused_token_scope_names_read_events(relay_env: Any, capsys: pytest.
     err = capsys.readouterr().err
     assert "Auth0 refused to read the Events API (403 Forbidden: Insufficient scope)" in err
     assert "read:events" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Messages that hold no event
+
+
+@pytest.mark.anyio
+async def test_a_message_whose_offset_is_not_a_string_still_gives_up_its_event(
+    pool: Any, database: Database
+) -> None:
+    """Each member of a message is read on its own: an offset of an unexpected type costs the offset only."""
+    created = fixture("user.created")
+    data = json.dumps({"offset": 17, "event": created})
+    body = f"event: user.created\nid: MQ\ndata: {data}\n\n" + message("Mg")
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body))
+
+        report, _ = await run_catch_up(pool, database, since=SINCE)
+
+    assert (dict(report.outcomes), report.cursor) == ({"applied": 1}, "Mg")
+    assert database.query("SELECT email FROM live_users") == [(created["data"]["object"]["email"],)]
+    assert dead_letters(database) == []
+
+
+NO_EVENT_MESSAGES = {
+    "no event member": (
+        json.dumps({"offset": "MQ"}),
+        "Events API 'user.created' message has no event",
+        "the Events API message has no event",
+    ),
+    "an event that is not an object": (
+        json.dumps({"offset": "MQ", "event": ["user.created"]}),
+        "Events API 'user.created' message holds an event that is not a JSON object",
+        "the Events API message holds an event that is not a JSON object",
+    ),
+    "data that is not JSON": (
+        '{"offset": "MQ", "event": {"id": "evt_cut_short',
+        "Events API 'user.created' message could not be read: Input data was truncated",
+        "the letter could not be read: Input data was truncated",
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", sorted(NO_EVENT_MESSAGES))
+async def test_a_message_holding_no_event_is_kept_and_its_replay_reports_it_not_replayable(
+    pool: Any, database: Database, case: str
+) -> None:
+    data, error, why = NO_EVENT_MESSAGES[case]
+    body = f"event: user.created\nid: MQ\ndata: {data}\n\n" + message("Mg", fixture("user.created"))
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(body))
+
+        report, _ = await run_catch_up(pool, database, since=SINCE)
+
+    assert (dict(report.outcomes), report.cursor) == ({"dead_lettered": 1, "applied": 1}, "Mg")
+    [letter] = dead_letters(database)
+    assert (letter.route, letter.body, letter.error, letter.resolved) == (
+        "catch-up",
+        data.encode(),
+        error,
+        False,
+    )
+
+    replays = [replayed async for replayed in replay_dead_letters(pool, [], database.settings)]
+
+    assert replays == [Replayed(letter.id, "not replayable", why)]
+    assert dead_letters(database) == [letter]  # left exactly as it was, for a person to read and resolve
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The allow-lists
+
+
+def other_tenant_event(number: int, **changes: Any) -> dict[str, Any]:
+    """A user.created of tenant `acme-dev`; `changes` as `cloudevent()` takes them."""
+    fields = {"user_id": f"auth0|dev-{number}", "email": f"dev{number}@acme-dev.example", **changes}
+    return cloudevent("user.created", id=f"evt_OtherTenant{number:011d}", a0tenant="acme-dev", **fields)
+
+
+@pytest.mark.anyio
+async def test_events_from_outside_the_allow_lists_are_passed_over_counted_and_never_stored(
+    pool: Any, database: Database
+) -> None:
+    created, updated = fixture("user.created"), fixture("user.updated")
+    other_stream = cloudevent(
+        "user.created",
+        id="evt_OtherStream0000000001",
+        user_id="auth0|s-1",
+        a0stream="est_0therStream0000000000",
+    )
+    no_tenant = cloudevent("user.created", id="evt_NoTenant000000000001", user_id="auth0|n-1", a0tenant=...)
+    # Undecodable: had it been ours, it would be a dead letter; another tenant's, it is not kept at all.
+    broken = other_tenant_event(3, user_id=...)
+    stream = "".join(
+        [
+            message("MDE", created),
+            message("MDI", other_tenant_event(1)),
+            message("MDM", other_tenant_event(2)),
+            message("MDQ", other_stream),
+            message("MDU", updated),
+            message("MDY", broken),
+            message("MDc", no_tenant),
+            message("MDg"),
+        ]
+    )
+    settings = database.with_settings(
+        allowed_tenants=frozenset({TENANT}), allowed_streams=frozenset({EVENT_STREAM})
+    )
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(stream))
+
+        report = await catch_up(
+            Management(CREDENTIALS),
+            pool,
+            settings,
+            since=SINCE,
+            idle_seconds=0.3,
+            sleep=no_wait,
+            batch_max_events=1,
+        )
+
+    assert (report.received, dict(report.outcomes)) == (2, {"applied": 2})
+    assert dict(report.refused) == {"RELAY_ALLOWED_TENANTS": 4, "RELAY_ALLOWED_STREAMS": 1}
+    assert report.describe() == (
+        "2 events (2 applied, 0 duplicate); 5 refused (4 not in RELAY_ALLOWED_TENANTS, "
+        "1 not in RELAY_ALLOWED_STREAMS); cursor MDg"
+    )
+    assert database.query("SELECT user_id, email FROM users") == [(USER_ID, "Jane.Doe@Example.com")]
+    assert database.query("SELECT event_id FROM processed_events ORDER BY event_time") == [
+        (created["id"],),
+        (updated["id"],),
+    ]
+    assert row_counts(database) == {"users": 1, "processed_events": 2, "dead_letters": 0}
+    assert database.query("SELECT cursor FROM event_cursors") == [("MDg",)]
+
+
+def test_the_command_refuses_another_tenants_events_and_goes_on_past_them(
+    relay_env: Database, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAY_ALLOWED_TENANTS", TENANT)
+    only_theirs = message("MQ", other_tenant_event(1)) + message("Mg", other_tenant_event(2))
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(only_theirs))
+
+        status = main(["catch-up", "--since", "2025-02-01T00:00:00Z", "--idle-seconds", "0.3"])
+
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.strip() == (
+        "catch-up done: 0 events (0 applied, 0 duplicate); 2 refused (not in RELAY_ALLOWED_TENANTS); "
+        "cursor Mg"
+    )
+    assert row_counts(relay_env) == NOTHING_STORED
+    assert relay_env.query("SELECT cursor FROM event_cursors") == [("Mg",)]
+
+    # The next run reads on from past them, and applies what is ours.
+    ours = message("Mw", fixture("user.created")) + message("NA")
+    with management_api() as auth0:
+        route = auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(ours))
+
+        status = main(["catch-up", "--idle-seconds", "0.3"])
+
+    assert status == 0, capsys.readouterr().err
+    assert route.calls[0].request.url.params["from"] == "Mg"
+    assert capsys.readouterr().out.strip() == "catch-up done: 1 events (1 applied, 0 duplicate); cursor NA"
+    assert relay_env.query("SELECT user_id FROM users") == [(USER_ID,)]
