@@ -192,7 +192,7 @@ async def _deliver(relay: Relay, delivery: Delivery) -> list[EventResult]:
         return await relay.pipeline.deliver(delivery)
     except NotAllowed as refused:
         # Authentic, but another tenant's or stream's event: not ours to store, and Auth0 must see a failure.
-        raise _Refusal(403, str(refused), "origin_not_allowed") from None
+        raise _Refusal(403, str(refused), refused.code) from None
     except Saturated as saturated:
         raise _Refusal(503, "relay saturated; retry later", "saturated", str(saturated)) from None
     except NotMigrated as error:

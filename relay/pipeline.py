@@ -15,6 +15,7 @@ migrated) fails a delivery, and then every delivery of the batch alike, with not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -57,7 +58,12 @@ class EventResult(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True)
 
 
 class NotAllowed(Exception):
-    """Authentic, but an item names a tenant or stream outside the allow-lists; nothing was stored."""
+    """Authentic, but not ours to keep: an item names a tenant or stream outside the allow-lists, or a tenant
+    other than the one the schema holds. Nothing was stored. `code` names the reason in a word."""
+
+    def __init__(self, reason: str, code: str = "origin_not_allowed") -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 def diagnostic_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -240,6 +246,9 @@ class Pipeline:
 
     def __init__(self, pool: store.Pool, settings: Settings) -> None:
         self._pool = pool
+        self._schema = settings.db_schema
+        self._tenant: str | None = None  # the tenant the schema holds, once known
+        self._pinning = asyncio.Lock()
         self._delete_mode = settings.delete_mode
         self.allowed_tenants = settings.allowed_tenants
         self.allowed_streams = settings.allowed_streams
@@ -266,9 +275,33 @@ class Pipeline:
         """The results of a delivery's items once committed. Raises `NotAllowed` (nothing stored),
         `batching.Saturated`, or a `StoreError` (nothing committed)."""
         check_origins(delivery.items, self.allowed_tenants, self.allowed_streams)
+        await self.check_tenant(delivery.items)
         if not delivery.items:
             return []
         return await self._committer.submit(delivery)
+
+    async def check_tenant(self, items: Sequence[Item]) -> None:
+        """Raises `NotAllowed` when an item names a tenant other than the one this schema holds; the first
+        tenant to deliver an event is pinned. Items that name no tenant are taken as the schema's."""
+        named = {item.origin.tenant for item in items if item.origin is not None and item.origin.tenant}
+        if not named:
+            return
+        if len(named) > 1:
+            raise NotAllowed(f"the body mixes events of tenants {sorted(named)!r}", "other_tenant")
+        [tenant] = named
+        if self._tenant is None:
+            # Once pinned, a schema's tenant never changes: each process asks PostgreSQL once, and requests
+            # that come meanwhile wait their turn behind that one question.
+            async with self._pinning:
+                if self._tenant is None:
+                    self._tenant = await store.pin_tenant(self._pool, tenant)
+        if tenant != self._tenant:
+            shown = tenant if len(tenant) <= 64 else tenant[:64] + "…"
+            raise NotAllowed(
+                f"schema {self._schema!r} holds the users of tenant {self._tenant!r}, not {shown!r}: "
+                "give each tenant a RELAY_DB_SCHEMA of its own",
+                "other_tenant",
+            )
 
     async def commit(self, deliveries: list[Delivery]) -> list[list[EventResult]]:
         """Commits deliveries in one transaction (or, if PostgreSQL refuses some of their data, in as many as

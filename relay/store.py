@@ -612,6 +612,38 @@ async def merge_export_chunk(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The tenant a schema holds
+
+# Pins `name` unless a tenant is pinned already; returns the pinned tenant. When another relay pins at the
+# same moment, this statement waits for it, inserts nothing and (its snapshot being older) finds nothing:
+# READ_TENANT, a statement of its own, then sees the winner.
+PIN_TENANT = """
+WITH pinned AS (
+    INSERT INTO tenant (name) VALUES (%(name)s) ON CONFLICT DO NOTHING RETURNING name
+)
+SELECT name FROM pinned
+ UNION ALL
+SELECT name FROM tenant
+ LIMIT 1
+"""
+
+READ_TENANT = """
+SELECT name FROM tenant
+"""
+
+
+async def pin_tenant(pool: Pool, name: str) -> str:
+    """The tenant this schema holds, pinned to `name` if it held none."""
+    async with connection(pool) as conn:
+        row = await (await conn.execute(PIN_TENANT, {"name": name})).fetchone()
+        if row is None:
+            row = await (await conn.execute(READ_TENANT)).fetchone()
+    if row is None:
+        raise StoreUnavailable("the tenant row vanished while it was being pinned; retry")
+    return str(row[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Health and `relay verify`
 
 CHECK_READY = """

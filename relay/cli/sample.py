@@ -15,7 +15,7 @@ from relay.settings import Settings, decode_signing_secret
 
 
 def sample_event(email: str) -> dict[str, Any]:
-    """A `user.created` event shaped as Auth0 sends it, with a fresh id and time."""
+    """A `user.created` event shaped as Auth0 sends it (but naming no tenant), with a fresh id and time."""
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     local_id = secrets.token_hex(12)
     return {
@@ -45,8 +45,8 @@ def sample_event(email: str) -> dict[str, Any]:
                 "updated_at": now,
             }
         },
-        "a0tenant": "example",
-        "a0stream": "est_" + "0" * 22,
+        # No `a0tenant`: a sample must not pin the schema to a tenant that does not exist (the first tenant
+        # to deliver an event is the one the schema holds).
     }
 
 
