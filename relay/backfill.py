@@ -228,7 +228,7 @@ async def _merge_chunk(
 
 def _merge_known(known: list[KnownSnapshot], delete_mode: DeleteMode) -> tuple[list[UserState], int, int]:
     """The known users of a chunk with their rows merged in by the handlers: the states to write, and how
-    many rows were newer in some field (merged) and how many in none (stale)."""
+    many rows the handlers applied (merged) and how many they found stale."""
     merged = stale = 0
     states = []
     for snapshot in known:
@@ -245,8 +245,9 @@ def _merge_known(known: list[KnownSnapshot], delete_mode: DeleteMode) -> tuple[l
 
 @dataclass(frozen=True, slots=True)
 class RowMerged:
-    """What one export row did: inserted a user the copy did not have, merged into a known one (newer in
-    some field), or changed nothing (stale: what is stored is newer)."""
+    """What one export row did, as `BackfillReport` counts it: inserted a user the copy did not have, merged
+    into a known one it is newer than, or stale (the user changed after the row; a field nothing newer wrote
+    may still be filled from it)."""
 
     user_id: str
     outcome: Literal["inserted", "merged", "stale"]

@@ -3,28 +3,39 @@
 
 Dead letters are made the way the relay makes them (`Pipeline.commit` of an unusable body), or inserted as an
 older relay version would have left them: a body the current decoder reads fine, which is what replay is for.
+Each route's letters hold their own kind of body: an event body (`action`, `webhook`, `catch-up`), an export
+row (`backfill`), or the data of an Events API message that held no event (`catch-up`, not replayable).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from relay.backfill import load_export
+from relay.cli import main
 from relay.events import decode_body
 from relay.operations import Replayed, replay_dead_letters
 from relay.pipeline import Delivery, EventResult, Pipeline
-from relay.store import Pool
+from relay.store import Pool, open_pool
 from tests.support.database import (
     Database,
     assert_stored_as_sent,
+    dead_letter,
     dead_letters,
     insert_dead_letter,
+    migrated_schema,
     row_counts,
+    user_row,
 )
-from tests.support.events import cloudevent, encode, fixture
+from tests.support.events import BASE_TIME, cloudevent, encode, export_row, fixture, user_event
 from tests.support.http import relay_command
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
 
@@ -206,6 +217,237 @@ def test_replay_names_an_unknown_or_already_resolved_id_and_applies_neither(data
 def test_replay_with_nothing_unresolved_says_so(database: Database) -> None:
     replayed = relay_command(database, "dead-letters", "replay")
     assert (replayed.returncode, replayed.stdout.strip()) == (0, "no unresolved dead letters")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replay of every kind of letter: event bodies, export rows, Events API messages
+
+
+def with_pool(database: Database, work: Callable[[Pool], Awaitable[T]]) -> T:
+    """`work` on the relay's own pool for `database`, from a test that is not itself async."""
+
+    async def run() -> T:
+        async with open_pool(database.conninfo, database.settings) as pool:
+            return await work(pool)
+
+    return asyncio.run(run())
+
+
+def apply_live(database: Database, *events: dict[str, Any]) -> list[str]:
+    """Events committed one by one through the pipeline, as live deliveries; their outcomes."""
+
+    async def work(pool: Pool) -> list[str]:
+        pipeline = Pipeline(pool, database.settings)
+        return [result.outcome.value for event in events for result in await commit(pipeline, encode(event))]
+
+    return with_pool(database, work)
+
+
+ROW_USER = "auth0|ops-row"
+ROW_TIME = BASE_TIME + timedelta(hours=1)
+# A user's history before the export row (updated at ROW_TIME) is replayed, and what the row then does.
+ROW_HISTORIES: dict[str, tuple[list[dict[str, Any]], str]] = {
+    "a user the copy does not have": ([], "inserted"),
+    "a user last changed before the row": (
+        [user_event("created", "evt_row_created", BASE_TIME, **export_row(ROW_USER, BASE_TIME))],
+        "merged",
+    ),
+    "a user renamed after the row": (
+        [
+            user_event("created", "evt_row_created", BASE_TIME, **export_row(ROW_USER, BASE_TIME)),
+            user_event("updated", "evt_row_renamed", ROW_TIME + timedelta(hours=1), ROW_USER, name="Live"),
+        ],
+        "stale",
+    ),
+    "a user deleted before the row": (
+        [
+            user_event("created", "evt_row_created", BASE_TIME, **export_row(ROW_USER, BASE_TIME)),
+            user_event("deleted", "evt_row_deleted", ROW_TIME - timedelta(minutes=1), ROW_USER),
+        ],
+        "merged",
+    ),
+    "a user deleted after the row": (
+        [user_event("deleted", "evt_row_deleted", ROW_TIME + timedelta(minutes=1), ROW_USER)],
+        "stale",
+    ),
+}
+
+
+@pytest.mark.parametrize("history", sorted(ROW_HISTORIES))
+def test_a_backfill_letter_is_replayed_by_the_backfills_own_rules_and_resolved(
+    database_server: str, database: Database, history: str
+) -> None:
+    """The user ends exactly as `relay backfill` loading the same row leaves it (compared on a schema of its
+    own), so a replayed row never overwrites anything newer and never revives a deleted user."""
+    events, outcome = ROW_HISTORIES[history]
+    line = encode(export_row(ROW_USER, ROW_TIME, nickname="from the export"))
+    with migrated_schema(database_server) as loaded:
+        apply_live(loaded, *events)
+        with_pool(loaded, lambda pool: load_export(pool, iter([line]), "soft"))
+        expected = user_row(loaded, ROW_USER)
+    apply_live(database, *events)
+    letter_id = insert_dead_letter(database, line, route="backfill", error=OLD_ERROR)
+
+    replayed = relay_command(database, "dead-letters", "replay")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.splitlines() == [
+        f"dead letter {letter_id}: resolved: export row of {ROW_USER} {outcome}",
+        "replayed: 1 resolved",
+    ]
+    assert user_row(database, ROW_USER) == expected
+    assert letter_rows(database) == [(letter_id, line, OLD_ERROR, True)]
+    stored = database.query("SELECT name, nickname, deleted_at IS NOT NULL FROM users")
+    if "renamed" in history:
+        assert stored == [("Live", "from the export", False)]  # the newer name stays
+    elif "deleted" in history:
+        assert stored[0][2] is True  # still deleted
+    else:
+        assert stored == [("User ops-row", "from the export", False)]
+
+
+BACKFILL_ROWS_STILL_FAILING = {
+    "not JSON": (
+        b'{"user_id": "auth0|cut-short", "updated_at": "2025-',
+        "not an Auth0 user: Input data was truncated",
+    ),
+    "not versioned": (
+        encode({"user_id": "auth0|no-times", "name": "No Times"}),
+        "an export row needs updated_at (or created_at) to be versioned",
+    ),
+    # A number JSON and msgspec take (as 0.0) but beyond what PostgreSQL's numeric holds.
+    "refused by PostgreSQL": (
+        encode(export_row("auth0|tiny", ROW_TIME, user_metadata={"tiny": "TINY"})).replace(
+            b'"TINY"', b"1e-16384"
+        ),
+        "PostgreSQL refused the row: value overflows numeric format",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BACKFILL_ROWS_STILL_FAILING))
+def test_a_backfill_letter_that_still_fails_keeps_the_new_error_and_no_copy_and_exits_1(
+    database: Database, case: str
+) -> None:
+    line, reason = BACKFILL_ROWS_STILL_FAILING[case]
+    letter_id = insert_dead_letter(database, line, route="backfill", error=OLD_ERROR)
+
+    replayed = relay_command(database, "dead-letters", "replay")
+    again = relay_command(database, "dead-letters", "replay", str(letter_id))
+
+    assert (replayed.returncode, again.returncode) == (1, 1)
+    [letter] = dead_letters(database)
+    assert (letter.id, letter.body, letter.error, letter.resolved) == (letter_id, line, reason, False)
+    assert replayed.stdout.splitlines() == [
+        f"dead letter {letter_id}: failing: {reason}",
+        "replayed: 1 failing",
+    ]
+    assert again.stdout == replayed.stdout
+    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
+def every_kind_of_letter(database: Database) -> dict[str, tuple[int, str]]:
+    """One dead letter of each kind a relay keeps, each as it stores them; name -> (id, replay line)."""
+    webhook_event, catch_up_event, wrapped_event = numbered(1), numbered(2), numbered(3)
+    row = export_row("auth0|ops-row", ROW_TIME)
+    letters = {
+        "webhook event": (encode(webhook_event), "webhook", f"resolved: {webhook_event['id']} applied"),
+        "export row": (encode(row), "backfill", "resolved: export row of auth0|ops-row inserted"),
+        "catch-up event": (encode(catch_up_event), "catch-up", f"resolved: {catch_up_event['id']} applied"),
+        "message without an event": (
+            b'{"offset":"b2Zmc2V0LTA5"}',
+            "catch-up",
+            "not replayable: the Events API message has no event",
+        ),
+        "message that could not be read": (
+            b'{"offset":"b2Zmc2V0LTEw","event":{"id":"evt_',
+            "catch-up",
+            "not replayable: the letter could not be read: Input data was truncated",
+        ),
+        # An older reader gave up on the whole message for its numeric offset; the event in it is fine.
+        "message holding an event": (
+            encode({"offset": 11, "event": wrapped_event}),
+            "catch-up",
+            f"resolved: {wrapped_event['id']} applied",
+        ),
+    }
+    return {
+        name: (insert_dead_letter(database, body, route=route, error=OLD_ERROR), line)
+        for name, (body, route, line) in letters.items()
+    }
+
+
+ADVICE = (
+    "not replayable ones are left unresolved: read each with `relay dead-letters show ID`, then mark it "
+    "handled with `relay dead-letters resolve ID`"
+)
+
+
+def test_replay_without_ids_takes_every_kind_of_letter_and_reports_the_not_replayable_ones(
+    database: Database,
+) -> None:
+    letters = every_kind_of_letter(database)
+    before = {letter.id: letter for letter in dead_letters(database)}
+
+    replayed = relay_command(database, "dead-letters", "replay")
+
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert replayed.stdout.splitlines() == [
+        *(f"dead letter {letter_id}: {line}" for letter_id, line in letters.values()),
+        "replayed: 4 resolved, 2 not replayable",
+        ADVICE,
+    ]
+    assert row_counts(database) == {"users": 4, "processed_events": 3, "dead_letters": 6}
+    for name, (letter_id, _) in letters.items():
+        if name.startswith("message without") or name.startswith("message that"):
+            assert dead_letter(database, letter_id) == before[letter_id]  # left exactly as it was
+        else:
+            assert dead_letter(database, letter_id).resolved, name
+
+    # Once a person has read them and resolved them, nothing is left to replay.
+    for name in ("message without an event", "message that could not be read"):
+        assert relay_command(database, "dead-letters", "resolve", str(letters[name][0])).returncode == 0
+    assert relay_command(database, "dead-letters", "replay").stdout.strip() == "no unresolved dead letters"
+
+
+def test_a_failing_letter_stops_no_other_and_exits_1_but_a_not_replayable_one_exits_0(
+    database: Database,
+) -> None:
+    letters = every_kind_of_letter(database)
+    failing = insert_dead_letter(database, STILL_FAILING["undecodable"][0], error=OLD_ERROR)
+    not_replayable = letters["message without an event"][0]
+
+    everything = relay_command(database, "dead-letters", "replay")
+    just_the_message = relay_command(database, "dead-letters", "replay", str(not_replayable))
+    with_an_unknown_id = relay_command(database, "dead-letters", "replay", str(not_replayable), "999999")
+
+    assert everything.returncode == 1
+    assert f"dead letter {failing}: failing: {STILL_FAILING['undecodable'][1]}" in everything.stdout
+    assert "replayed: 4 resolved, 2 not replayable, 1 failing" in everything.stdout
+    assert row_counts(database) == {"users": 4, "processed_events": 3, "dead_letters": 7}
+    assert (just_the_message.returncode, just_the_message.stdout.splitlines()[:2]) == (
+        0,
+        [
+            f"dead letter {not_replayable}: not replayable: the Events API message has no event",
+            "replayed: 1 not replayable",
+        ],
+    )
+    assert with_an_unknown_id.returncode == 1
+    assert "dead letter 999999: not found" in with_an_unknown_id.stdout
+
+
+def test_replay_help_names_every_status_and_what_the_exit_status_means(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["dead-letters", "replay", "--help"])
+
+    shown = capsys.readouterr().out
+    assert exited.value.code == 0
+    for status in ("resolved", "failing", "not replayable", "already resolved", "not found"):
+        assert f"\n  {status} " in shown, status
+    assert "exit status: 0 when nothing that could be replayed failed" in shown
+    assert "1 when a letter still fails or an ID given was not found" in shown
 
 
 # ---------------------------------------------------------------------------------------------------------
