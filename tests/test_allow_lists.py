@@ -11,14 +11,18 @@ happen to it. A body that is not even a JSON object names no origin and is dead-
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
+from relay.auth0.catch_up import catch_up
+from relay.auth0.management import Management
 from relay.events import decode_body
 from relay.pipeline import Delivery, NotAllowed, Pipeline
 from relay.settings import ConfigError, Settings
+from tests.support.auth0 import management_api
 from tests.support.database import (
     NOTHING_STORED,
     Database,
@@ -28,6 +32,7 @@ from tests.support.database import (
     row_counts,
 )
 from tests.support.events import cloudevent, encode, fixture
+from tests.support.events_api import CREDENTIALS, EVENTS_URL, message, no_wait, stream_response
 from tests.support.http import ROUTES, RelayProcess, deliver, relay_command, relay_environment, running_relay
 
 TENANT = "acme"  # the fixtures' a0tenant and a0stream
@@ -181,6 +186,56 @@ def test_replaying_a_dead_letter_from_a_tenant_no_longer_allowed_fails_and_keeps
     assert (letter.id, letter.resolved) == (letter_id, False)
     assert letter.error == FOREIGN_TENANT_REFUSAL
     assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# relay catch-up: the same judgement, event by event
+
+# One event each, as the Events API would carry it; catch-up must judge it as a live route judges a body of
+# that one event, and then store what the live route stores.
+ONE_EVENT_BODIES = {
+    **{case: body for case, (body, _) in REFUSED_BODIES.items() if not case.startswith("an array")},
+    "not a JSON object": b"17",
+    "ours": encode(fixture("user.created")),
+    "ours, from another stream when only tenants are listed": encode(cloudevent(a0stream=OTHER_STREAM)),
+    "a test event of ours": encode(fixture("test-event")),
+    "an undecodable event of ours": encode(cloudevent("user.updated", user_id=...)),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", sorted(ONE_EVENT_BODIES))
+async def test_catch_up_refuses_exactly_the_events_a_live_route_refuses_and_stores_the_same(
+    pool: Any, database: Database, case: str
+) -> None:
+    body = ONE_EVENT_BODIES[case]
+    tenants, streams = {TENANT}, (set() if "only tenants" in case else {STREAM})
+    try:
+        await deliver_body(pool, database, body, tenants=tenants, streams=streams)
+        refused = False
+    except NotAllowed:
+        refused = True
+    assert refused == (case in REFUSED_BODIES or case == "not a JSON object")
+    stored_live = row_counts(database)
+    database.empty_tables()
+
+    settings = database.with_settings(allowed_tenants=frozenset(tenants), allowed_streams=frozenset(streams))
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(
+            side_effect=lambda request: stream_response(message("MQ", body) + message("Mg"))
+        )
+        report = await catch_up(
+            Management(CREDENTIALS),
+            pool,
+            settings,
+            since=datetime.fromisoformat("2025-02-01T00:00:00Z"),
+            idle_seconds=0.3,
+            sleep=no_wait,
+        )
+
+    assert (report.refused.total(), report.received) == ((1, 0) if refused else (0, 1))
+    assert row_counts(database) == stored_live
+    assert database.query("SELECT cursor FROM event_cursors") == [("Mg",)]
 
 
 # ---------------------------------------------------------------------------------------------------------
