@@ -4,10 +4,10 @@ resolve`) and retention (`relay prune`). The SQL is in `store.py`; what the comm
 A replay treats each dead letter as what its route says it holds:
 
 - a body as it was delivered (`action`, `webhook`, and any other way in that hands the pipeline events) goes
-  to the pipeline again, so it meets the current decoder, handlers and allow-lists exactly as a new delivery
-  would, and is applied at most once whatever happens (the ledger sees to that). The same transaction that
-  applies its events resolves the letter, or, if an item still fails, records the new error on it; no
-  second copy of the body is made.
+  to the pipeline again, so it meets the current decoder, handlers, allow-lists and the schema's tenant
+  exactly as a new delivery would, and is applied at most once whatever happens (the ledger sees to that).
+  The same transaction that applies its events resolves the letter, or, if an item still fails, records the
+  new error on it; no second copy of the body is made.
 - a `catch-up` letter is the one event catch-up could not apply, replayed likewise, or the data of an Events
   API message that held no event (`catch_up.event_in_letter` tells which): nothing to replay, so it is
   reported as not replayable, with why, and left for a person to read and resolve.
@@ -129,6 +129,7 @@ async def replay_dead_letter(
 async def _replay_events(pipeline: Pipeline, letter: DeadLetter, items: list[Item]) -> Replayed:
     try:
         check_origins(items, pipeline.allowed_tenants, pipeline.allowed_streams)
+        await pipeline.check_tenant(items)
     except NotAllowed as refused:
         # Not ours to apply any more; the letter keeps the reason, and its body, for a person to judge.
         items = [Undecodable(item.raw, str(refused), item.origin, item.id) for item in items]

@@ -380,7 +380,7 @@ async def test_events_from_outside_the_allow_lists_are_passed_over_counted_and_n
         )
 
     assert (report.received, dict(report.outcomes)) == (2, {"applied": 2})
-    assert dict(report.refused) == {"RELAY_ALLOWED_TENANTS": 4, "RELAY_ALLOWED_STREAMS": 1}
+    assert dict(report.refused) == {"not in RELAY_ALLOWED_TENANTS": 4, "not in RELAY_ALLOWED_STREAMS": 1}
     assert report.describe() == (
         "2 events (2 applied, 0 duplicate); 5 refused (4 not in RELAY_ALLOWED_TENANTS, "
         "1 not in RELAY_ALLOWED_STREAMS); cursor MDg"
@@ -424,3 +424,39 @@ def test_the_command_refuses_another_tenants_events_and_goes_on_past_them(
     assert route.calls[0].request.url.params["from"] == "Mg"
     assert capsys.readouterr().out.strip() == "catch-up done: 1 events (1 applied, 0 duplicate); cursor NA"
     assert relay_env.query("SELECT user_id FROM users") == [(USER_ID,)]
+
+
+@pytest.mark.anyio
+async def test_events_of_a_tenant_other_than_the_schemas_are_refused_like_the_allow_lists(
+    pool: Any, database: Database
+) -> None:
+    """The schema holds the tenant that delivered first (pinned by the live relay before the outage);
+    catch-up passes over another tenant's events as the live routes refuse them, with no allow-list set."""
+    database.query("INSERT INTO tenant (name) VALUES (%s)", [TENANT])
+    stream = message("MQ", other_tenant_event(1)) + message("Mg", fixture("user.created")) + message("Mw")
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(stream))
+
+        report, _ = await run_catch_up(pool, database, since=SINCE)
+
+    assert report.describe() == (
+        "1 events (1 applied, 0 duplicate); 1 refused (of a tenant other than the schema's); cursor Mw"
+    )
+    assert database.query("SELECT user_id FROM users") == [(USER_ID,)]
+    assert row_counts(database) == {"users": 1, "processed_events": 1, "dead_letters": 0}
+    assert database.query("SELECT name FROM tenant") == [(TENANT,)]
+
+
+@pytest.mark.anyio
+async def test_the_first_tenant_catch_up_reads_is_pinned_when_none_is(pool: Any, database: Database) -> None:
+    stream = message("MQ", fixture("user.created")) + message("Mg", other_tenant_event(1)) + message("Mw")
+    with management_api() as auth0:
+        auth0.get(EVENTS_URL).mock(side_effect=lambda request: stream_response(stream))
+
+        report, _ = await run_catch_up(pool, database, since=SINCE)
+
+    assert (dict(report.outcomes), dict(report.refused)) == (
+        {"applied": 1},
+        {"of a tenant other than the schema's": 1},
+    )
+    assert database.query("SELECT name FROM tenant") == [(TENANT,)]

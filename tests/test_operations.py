@@ -436,6 +436,29 @@ def test_a_failing_letter_stops_no_other_and_exits_1_but_a_not_replayable_one_ex
     assert "dead letter 999999: not found" in with_an_unknown_id.stdout
 
 
+@pytest.mark.parametrize("route", ["webhook", "catch-up"])
+def test_replaying_another_tenants_event_into_a_schema_pinned_to_one_fails_and_keeps_it(
+    database: Database, route: str
+) -> None:
+    """A replay meets the schema's tenant as a new delivery does: not ours to apply, so it stays a letter."""
+    database.query("INSERT INTO tenant (name) VALUES ('acme')")
+    theirs = cloudevent(a0tenant="globex")
+    letter_id = insert_dead_letter(database, encode(theirs), route=route, error=OLD_ERROR)
+
+    replayed = relay_command(database, "dead-letters", "replay")
+
+    refusal = (
+        f"schema {database.schema!r} holds the users of tenant 'acme', not 'globex': "
+        "give each tenant a RELAY_DB_SCHEMA of its own"
+    )
+    assert replayed.returncode == 1
+    [line, summary] = replayed.stdout.splitlines()
+    assert line.startswith(f"dead letter {letter_id}: failing: schema {database.schema!r} holds the users")
+    assert summary == "replayed: 1 failing"
+    assert letter_rows(database) == [(letter_id, encode(theirs), refusal, False)]
+    assert row_counts(database) == {"users": 0, "processed_events": 0, "dead_letters": 1}
+
+
 def test_replay_help_names_every_status_and_what_the_exit_status_means(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

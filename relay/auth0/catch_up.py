@@ -8,9 +8,10 @@ live traffic, in batches. An event already received live is recorded as a duplic
 cannot be decoded or stored is kept in `dead_letters`, and so is the data of a message that holds no event
 (`event_in_letter` tells the two apart when a dead letter is replayed).
 
-The allow-lists hold here as on the live routes, judged per event by `check_origins`: an event from a tenant
-or stream outside `RELAY_ALLOWED_TENANTS` / `RELAY_ALLOWED_STREAMS` is neither applied nor kept, not even as a
-dead letter, only counted as refused; the cursor moves past it, and its batch-mates are applied.
+The live routes' refusals hold here too, judged per event: an event from a tenant or stream outside
+`RELAY_ALLOWED_TENANTS` / `RELAY_ALLOWED_STREAMS` (`check_origins`), or naming a tenant other than the one the
+schema holds (`Pipeline.check_tenant`), is neither applied nor kept, not even as a dead letter, only counted
+as refused; the cursor moves past it, and its batch-mates are applied.
 
 The cursor is stored in PostgreSQL (`event_cursors`) after each committed batch, and `offset-only` messages
 (heartbeats that carry a position but no event) advance it too. A batch interrupted before its commit is
@@ -54,8 +55,12 @@ DEAD_LETTER_ROUTE = "catch-up"
 EXPIRED_ADVICE = "run `relay backfill`, then `relay catch-up --since <time>`"
 _TRANSIENT_ERRORS = frozenset({"timeout", "connection_timeout"})
 _CURSOR_ERRORS = frozenset({"cursor_expired", "invalid_cursor"})
-# An event from outside the allow-lists is counted under the variable that refuses it.
-_ALLOW_LISTS = ("RELAY_ALLOWED_TENANTS", "RELAY_ALLOWED_STREAMS")
+# Why an event is refused, as the catch-up report counts it.
+_REFUSALS = (
+    "not in RELAY_ALLOWED_TENANTS",
+    "not in RELAY_ALLOWED_STREAMS",
+    "of a tenant other than the schema's",
+)
 T = TypeVar("T")
 
 
@@ -76,7 +81,7 @@ def cursor_stream(domain: str) -> str:
 class CatchUpReport:
     received: int = 0  # events committed: applied, or recorded as duplicate, stale, dead-lettered…
     outcomes: Counter[str] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)  # events passed over, by the allow-list refusing
+    refused: Counter[str] = field(default_factory=Counter)  # events passed over, by why (`_REFUSALS`)
     cursor: str | None = None  # the position stored in PostgreSQL
 
     def describe(self) -> str:
@@ -87,10 +92,9 @@ class CatchUpReport:
         )
         text = f"{self.received} events ({counts})"
         if self.refused:
-            lists = [variable for variable in _ALLOW_LISTS if self.refused[variable]]
+            reasons = [reason for reason in _REFUSALS if self.refused[reason]]
             why = ", ".join(
-                f"{self.refused[variable]} not in {variable}" if len(lists) > 1 else f"not in {variable}"
-                for variable in lists
+                f"{self.refused[reason]} {reason}" if len(reasons) > 1 else reason for reason in reasons
             )
             text += f"; {self.refused.total()} refused ({why})"
         return f"{text}; cursor {self.cursor or 'none'}"
@@ -240,7 +244,10 @@ async def catch_up(
                 batch.cursor = item.offset
             if item.body is not None:
                 idle_deadline = loop.time() + idle_seconds
-                batch.add(item, pipeline)
+                event = (
+                    decode_event(item.body) if item.problem is None else Undecodable(item.body, item.problem)
+                )
+                batch.add(event, await _refusal(event, pipeline))
             if len(batch.items) >= batch_max_events:
                 await flush()
     finally:
@@ -257,14 +264,12 @@ class _Batch:
     cursor: str | None = None
     started: float = 0.0
 
-    def add(self, item: _Received, pipeline: Pipeline) -> None:
-        assert item.body is not None
-        decoded = decode_event(item.body) if item.problem is None else Undecodable(item.body, item.problem)
-        refusing = _refusing_list(decoded, pipeline)
-        if refusing is None:
-            self.items.append(decoded)
+    def add(self, item: Item, refusal: str | None) -> None:
+        """An event to commit, or, when it is refused, one more to count."""
+        if refusal is None:
+            self.items.append(item)
         else:
-            self.refused[refusing] += 1
+            self.refused[refusal] += 1
 
     def is_empty(self, stored_cursor: str | None) -> bool:
         return not self.items and not self.refused and (self.cursor is None or self.cursor == stored_cursor)
@@ -275,17 +280,19 @@ class _Batch:
         self.cursor = None
 
 
-def _refusing_list(item: Item, pipeline: Pipeline) -> str | None:
-    """The allow-list (its variable) that refuses `item`, judged exactly as the live routes judge a body
-    (`check_origins`), or None when the item is ours to apply or keep."""
-    for variable, tenants, streams in (
-        (_ALLOW_LISTS[0], pipeline.allowed_tenants, frozenset[str]()),
-        (_ALLOW_LISTS[1], frozenset[str](), pipeline.allowed_streams),
-    ):
+async def _refusal(item: Item, pipeline: Pipeline) -> str | None:
+    """Why `item` is not ours to apply or keep, judged as the live routes judge a body (`check_origins`, then
+    `Pipeline.check_tenant`, which pins the schema's tenant if none is yet); None when it is ours."""
+    allow_lists = (pipeline.allowed_tenants, frozenset[str]()), (frozenset[str](), pipeline.allowed_streams)
+    for reason, (tenants, streams) in zip(_REFUSALS, allow_lists, strict=False):
         try:
             check_origins([item], tenants, streams)
         except NotAllowed:
-            return variable
+            return reason
+    try:
+        await pipeline.check_tenant([item])
+    except NotAllowed:
+        return _REFUSALS[2]
     return None
 
 
