@@ -22,3 +22,11 @@ THROUGH_POSTGRESQL = settings(
 )
 # Through a real relay process over HTTP.
 OVER_HTTP = settings(max_examples=60, deadline=None, suppress_health_check=_SHARED_FIXTURES)
+# Random authentic bodies through a relay process and the operator commands (tests/test_fuzz.py): a request
+# or a command run and a few queries per example, some of them bodies of a few hundred kilobytes; few
+# examples by default, since CI runs them against two PostgreSQL versions. FUZZ_EXAMPLES=1000 for a long hunt.
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES") or (30 if _IN_CI else 12)),
+    deadline=None,
+    suppress_health_check=[*_SHARED_FIXTURES, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
