@@ -152,7 +152,7 @@ def test_every_profile_a_live_route_stores_is_merged_again_by_later_events_of_it
     """Around the depth where the live route stops accepting a profile: each one it stored is read back,
     merged and written again (the nested metadata intact) when a later update of its user arrives."""
     stored = []
-    for depth in range(950, 1_000, 2):
+    for depth in range(955, 995):
         event, body = nested_user_event(f"sweep{depth}", depth)
         response = deliver(client, route, body, event["id"])
         assert response.status_code == 200, response.text
@@ -304,38 +304,63 @@ def test_replaying_a_nested_letter_by_id_reports_it_and_goes_on_to_the_next_id(d
 # A profile the backfill stored, read back by live events
 
 
+def assert_each_takes_a_live_update(database: Database, depths: dict[str, int]) -> None:
+    """Each user (user_id -> how deep its user_metadata nests) takes a newer partial update on a live route:
+    its stored profile is read back, merged and written again, the nested metadata intact."""
+    env = relay_environment(database.conninfo, database.schema)
+    with running_relay(env) as relay, relay.client() as client:
+        for number, user_id in enumerate(sorted(depths)):
+            later = user_event("updated", f"evt_live{number:04d}", NEWEST, user_id, name="Live")
+            response = deliver(client, "webhook", encode(later))
+            assert response.json()["events"] == [{"id": later["id"], "outcome": "applied"}], user_id
+    for user_id, depth in depths.items():
+        assert database.query("SELECT name FROM users WHERE user_id = %s", [user_id]) == [("Live",)]
+        assert stored_metadata_is(database, user_id, depth), user_id
+
+
+# Later than every event and export row these tests make.
+NEWEST = BASE_TIME + timedelta(days=400)
+
+
 def test_every_user_the_backfill_stores_can_still_take_live_events(
     database: Database, tmp_path: Path
 ) -> None:
     """The backfill checks a row in a shallow call and writes it in SQL without decoding it again, so it must
     not store a profile nested deeper than the live relay can read back: that user could never be updated
     again (each of its events would be set aside)."""
-    rows = []
+    rows, depths = [], {}
     for depth in [1, 100, 500, 511, 512, 600, 900, *range(940, 1_002, 2)]:
-        row = export_row(f"auth0|backfilled{depth}", BASE_TIME, user_metadata="NESTED")
+        user_id = f"auth0|backfilled{depth}"
+        depths[user_id] = depth
+        row = export_row(user_id, BASE_TIME, user_metadata="NESTED")
         rows.append(encode(row).replace(b'"NESTED"', nested(depth)))
     export = tmp_path / "users.json"
     export.write_bytes(b"\n".join(rows) + b"\n")
 
     loaded = relay_command(database, "backfill", "--file", str(export))
     assert loaded.returncode == 0, loaded.stderr
-    stored = [user_id for (user_id,) in database.query("SELECT user_id FROM users ORDER BY user_id")]
+    stored = [user_id for (user_id,) in database.query("SELECT user_id FROM users")]
     assert stored, "the backfill stored none of the rows"
     rejected = dead_letters(database)
     assert len(stored) + len(rejected) == len(rows)
     for letter in rejected:
         assert "nested" in letter.error, letter.error
 
-    env = relay_environment(database.conninfo, database.schema)
-    with running_relay(env) as relay, relay.client() as client:
-        for number, user_id in enumerate(stored):
-            later = cloudevent(
-                "user.updated",
-                id=f"evt_live{number:04d}",
-                user_id=user_id,
-                time=BASE_TIME + timedelta(days=1),
-                name="Live",
-            )
-            response = deliver(client, "webhook", encode(later))
-            assert response.json()["events"] == [{"id": later["id"], "outcome": "applied"}], user_id
-    assert database.query("SELECT count(*) FROM users WHERE name = 'Live'") == [(len(stored),)]
+    assert_each_takes_a_live_update(database, {user_id: depths[user_id] for user_id in stored})
+
+
+def test_every_user_a_replay_stores_can_still_take_live_events(database: Database) -> None:
+    """Replay decodes and writes in a process of its own, at call depths of its own: what it stores must
+    still be readable where the live relay merges users."""
+    depths = {}
+    for depth in range(955, 995):
+        event, body = nested_user_event(f"replayed{depth}", depth)
+        depths[event["data"]["object"]["user_id"]] = depth
+        insert_dead_letter(database, body)
+
+    replayed = relay_command(database, "dead-letters", "replay")
+    assert "Traceback" not in replayed.stderr, replayed.stderr
+    stored = [user_id for (user_id,) in database.query("SELECT user_id FROM users")]
+    assert stored, "the replay stored none of the letters"
+
+    assert_each_takes_a_live_update(database, {user_id: depths[user_id] for user_id in stored})
