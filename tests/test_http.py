@@ -334,7 +334,8 @@ UNAUTHENTIC_REQUESTS: dict[str, tuple[str, Any, str]] = {
     ),
     "action timestamp too old": (
         "action",
-        # Well past the tolerance: the request takes a moment to arrive, and int() drops a fraction of a second.
+        # Well past the tolerance: the request takes a moment to arrive, and int() drops a fraction of a
+        # second.
         lambda: _action_headers(timestamp=int(time.time()) - 330),
         "outside the 300 s tolerance",
     ),
