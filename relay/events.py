@@ -15,6 +15,7 @@ otherwise reach a typed column, or a time would leave the range the store can ho
 from __future__ import annotations
 
 import enum
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -193,12 +194,58 @@ _HOLDS_NUL = "the event holds a \\u0000 character, which PostgreSQL cannot store
 def decode_body(body: bytes) -> list[Item]:
     """The items of a request body: one JSON object, or a JSON array of them (webhook batches)."""
     if body.lstrip()[:1] == b"[":
+        raw_items: list[bytes] | list[msgspec.Raw] | None
         try:
             raw_items = _items_decoder.decode(body)
+        except RecursionError as error:
+            # msgspec finds each item's end by descending into it, so one item nested past the recursion
+            # limit would make every event of the body one dead letter. Scanning without recursion keeps
+            # that item's fate its own.
+            raw_items = _split_array_iteratively(body)
+            if raw_items is None:
+                return [Undecodable(body, f"body is not a JSON array of events: {_describe(error)}")]
         except _DECODE_ERRORS as error:
             return [Undecodable(body, f"body is not a JSON array of events: {_describe(error)}")]
         return [decode_event(bytes(raw)) for raw in raw_items]
     return [decode_event(body)]
+
+
+# A JSON string (escapes included) or one structural character: what an array's top level is split on.
+_STRING_OR_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{},]', re.DOTALL)
+
+
+_CLOSING = {ord("["): ord("]"), ord("{"): ord("}")}
+
+
+def _split_array_iteratively(body: bytes) -> list[bytes] | None:
+    """The items of a JSON array, found without recursion; None when the body is not one well-formed array.
+
+    Only the array's own structure is checked here: each item is then decoded, and judged, on its own.
+    """
+    items: list[bytes] = []
+    open_brackets = bytearray()  # a stack, so `[{]}` is refused as a parser would refuse it
+    item_start, end = 0, None
+    for token in _STRING_OR_STRUCTURE.finditer(body):
+        char = body[token.start()]
+        if char in b"[{":
+            open_brackets.append(char)
+            if len(open_brackets) == 1:
+                item_start = token.end()
+        elif char in b"]}":
+            if not open_brackets or _CLOSING[open_brackets.pop()] != char:
+                return None
+            if not open_brackets:
+                items.append(body[item_start : token.start()])
+                end = token.end()
+                break
+        elif char == ord(",") and len(open_brackets) == 1:
+            items.append(body[item_start : token.start()])
+            item_start = token.end()
+    if end is None or body[end:].strip() or body[: body.index(b"[")].strip():
+        return None
+    if items == [items[0]] and not items[0].strip():
+        return []  # `[]`
+    return [item.strip() for item in items]
 
 
 def decode_event(raw: bytes) -> Item:

@@ -109,18 +109,7 @@ def test_deeply_nested_metadata_on_a_live_route_is_dead_lettered_or_applied_neve
         assert stored_metadata_is(clean_database, user_id, depth)
 
 
-ARRAY_SPLIT_FAILS = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "relay/events.py decode_body(): the array is split with msgspec (list[msgspec.Raw]), which recurses "
-        "into every item to find its end, so one item nested past the recursion limit makes the whole body "
-        "one dead letter: its batch-mates are not applied, the answer lists one outcome for three events, "
-        "and that letter holds the other events' data"
-    ),
-)
-
-
-@pytest.mark.parametrize("depth", [pytest.param(depth, marks=ARRAY_SPLIT_FAILS) for depth in DEPTHS])
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_a_deeply_nested_event_in_a_webhook_array_is_set_aside_alone(
     client: httpx.Client, clean_database: Database, depth: int
 ) -> None:

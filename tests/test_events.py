@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from relay.events import (
     OtherEvent,
     Undecodable,
     UserEvent,
+    _split_array_iteratively,
     decode_body,
     decode_event,
     from_micros,
@@ -422,6 +424,53 @@ def test_a_malformed_array_body_is_one_undecodable_item_holding_the_whole_body(b
     assert isinstance(item, Undecodable)
     assert (item.raw, item.origin) == (body, None)
     assert item.reason.startswith("body is not a JSON array of events: ")
+
+
+DEEPLY_NESTED_ITEM = b'{"n":' * 50_000 + b"1" + b"}" * 50_000
+
+
+def test_an_item_nested_too_deep_to_decode_is_undecodable_alone_among_its_batch_mates():
+    first, last = fixture("user.created"), fixture("user.deleted")
+    items = decode_body(b"[" + encode(first) + b", " + DEEPLY_NESTED_ITEM + b" ,\n" + encode(last) + b"]")
+
+    assert [type(item) for item in items] == [UserEvent, Undecodable, UserEvent]
+    assert (items[0].id, items[2].id) == (first["id"], last["id"])
+    assert items[1].raw == DEEPLY_NESTED_ITEM
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[1, " + DEEPLY_NESTED_ITEM,  # never closed
+        b"[1, " + DEEPLY_NESTED_ITEM + b"] trailing",
+        b"[1, " + DEEPLY_NESTED_ITEM[:-1] + b"]]",  # an object closed by a bracket
+        b"garbage [" + DEEPLY_NESTED_ITEM + b"]",
+    ],
+    ids=["unclosed", "trailing", "mismatched", "leading"],
+)
+def test_a_malformed_array_holding_a_deep_item_is_still_one_undecodable_item(body):
+    [item] = decode_body(body)
+
+    assert isinstance(item, Undecodable)
+    assert item.raw == body
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet=st.sampled_from('ab,[]{}"\\ :')),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.lists(JSON_VALUES, max_size=5), st.sampled_from([b",", b" , ", b"\n,\t"]))
+def test_the_iterative_split_finds_the_items_the_decoder_finds(values, separator):
+    body = b"[ " + separator.join(msgspec.json.encode(value) for value in values) + b" ]"
+
+    assert _split_array_iteratively(body) == [
+        bytes(raw) for raw in msgspec.json.decode(body, type=list[msgspec.Raw])
+    ]
 
 
 DEEP = b"[" * 100_000
