@@ -47,7 +47,7 @@ from relay.observability import (
 from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline
 from relay.settings import Settings
 from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
-from relay.store import NotMigrated, Pool, StoreError, create_pool, migrated_version
+from relay.store import NotMigrated, Pool, StoreError, check_batch_statements, create_pool, migrated_version
 
 log = logging.getLogger("relay")
 
@@ -252,17 +252,20 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(state: State) -> Response[Any]:
-    """The database answers and carries every migration this version needs."""
+    """The database answers, carries every migration this version needs, and could run a batch now."""
     relay: Relay = state.relay
     expected = latest_version()
     try:
         found = await migrated_version(relay.pool)
+        if found < expected:
+            return _unready(
+                f"database at migration {found}, this relay needs {expected}: run `relay migrate`"
+            )
+        await check_batch_statements(relay.pool)
     except NotMigrated:
         return _unready("database not migrated: run `relay migrate`")
-    except StoreError:
-        return _unready("database unavailable")
-    if found < expected:
-        return _unready(f"database at migration {found}, this relay needs {expected}: run `relay migrate`")
+    except StoreError as error:
+        return _unready(f"database unavailable: {error}")
     return Response({"status": "ready", "migration": found}, status_code=200)
 
 

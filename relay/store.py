@@ -89,12 +89,29 @@ def _is_conflict(error: psycopg.Error) -> bool:
     return isinstance(error, errors.DeadlockDetected | errors.SerializationFailure | errors.UniqueViolation)
 
 
+@asynccontextmanager
+async def _pooled(pool: Pool) -> AsyncIterator[Connection]:
+    """A connection from the pool; the pool is drained if it turned out unable to write.
+
+    A session opened on a server that refuses writes (a standby after a failover, or one whose role or
+    database defaults to read-only transactions) keeps refusing them for its whole life in the pool, and so
+    do its pool-mates, opened on the same server. Draining replaces them all (this one once it is back), so
+    fresh connections find the writable server once there is one again.
+    """
+    async with pool.connection() as conn:
+        try:
+            yield conn
+        except errors.ReadOnlySqlTransaction:
+            await pool.drain()
+            raise
+
+
 async def run_retrying(pool: Pool, work: Callable[[Connection], Awaitable[T]]) -> T:
     """`work(conn)` on a pooled connection, run again from the start when PostgreSQL rolled its writes back
     for another writer's sake; psycopg's errors come out as the store's own."""
     for attempt in range(1, CONFLICT_ATTEMPTS + 1):
         try:
-            async with pool.connection() as conn:
+            async with _pooled(pool) as conn:
                 return await work(conn)
         except (PoolTimeout, TooManyRequests):
             raise StoreUnavailable(f"no database connection within {pool.timeout:g} s") from None
@@ -148,7 +165,7 @@ async def commit_isolating(
 async def connection(pool: Pool) -> AsyncIterator[Connection]:
     """A pooled connection for the operator's reads and small writes; psycopg's errors as the store's own."""
     try:
-        async with pool.connection() as conn:
+        async with _pooled(pool) as conn:
             yield conn
     except (PoolTimeout, TooManyRequests):
         raise StoreUnavailable(f"no database connection within {pool.timeout:g} s") from None
@@ -662,6 +679,22 @@ async def migrated_version(pool: Pool) -> int:
         await cursor.execute(CHECK_READY)
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+# Every batch's two statements, planned but not run: a schema missing a column or a privilege they need (one
+# changed by hand, or a migration half rolled back) is not ready, whatever schema_migrations says. Planning
+# takes only the locks a batch takes, for a few milliseconds.
+_PLANNED_FOR_READINESS = (
+    ("EXPLAIN " + READ_BATCH, {"event_ids": "[]", "user_ids": "[]"}),
+    ("EXPLAIN " + WRITE_BATCH, _write_parameters(BatchWrites())),
+)
+
+
+async def check_batch_statements(pool: Pool) -> None:
+    """`NotMigrated` or `StoreUnavailable` if PostgreSQL could not run a batch on the relay's schema now."""
+    async with connection(pool) as conn:
+        for statement, parameters in _PLANNED_FOR_READINESS:
+            await conn.execute(statement, parameters)
 
 
 # The operator commands' own checks, on a plain connection rather than a pool: `relay backfill` and `relay

@@ -71,8 +71,11 @@ def assert_each_answered_503_and_logged_once(
         assert response.status_code == 503, response.text
         assert int(response.headers["retry-after"]) > 0
         assert response.json() == {"error": reason}
-        lines = relay.output()[logged_before:].splitlines()
-        assert len(lines) == 1, lines
+        logged = relay.output()[logged_before:].splitlines()
+        # One line of the relay's own; the pool may also say, at INFO, that it replaced its connections.
+        lines = [line for line in logged if json.loads(line)["logger"].split(".")[0] == "relay"]
+        assert len(lines) == 1, logged
+        assert all(json.loads(line)["level"] == "info" for line in logged if line not in lines), logged
         record = json.loads(lines[0])
         assert {key: record[key] for key in ("level", "message", "route", "status", "reason")} == {
             "level": "warning",
@@ -146,15 +149,6 @@ def test_a_read_only_database_is_answered_503_and_nothing_is_committed(database_
             assert row_counts(Database(database_server, roles.schema)) == NOTHING_STORED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "relay/store.py run_retrying(): a connection whose statement failed with ReadOnlySqlTransaction "
-        "(25006) goes back to the pool as it is, still read-only for its whole life (psycopg_pool's "
-        "max_lifetime, an hour), so the relay answers 503 long after the database takes writes again; "
-        "such a connection should be closed so that the pool opens a fresh one"
-    ),
-)
 def test_a_database_that_takes_writes_again_gets_the_event_on_auth0s_retry(database_server: str) -> None:
     with least_privilege_roles(database_server) as roles:
         assert relay_command(Database(roles.migrator_conninfo, roles.schema), "migrate").returncode == 0
@@ -230,14 +224,6 @@ def test_a_half_migrated_schema_is_answered_503_until_it_is_migrated_afresh(
         assert client.get("/readyz").status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "relay/app.py readyz() asks only store.migrated_version(), the newest row of schema_migrations "
-        "(store.py CHECK_READY), so a schema whose tables lack a column the relay writes is reported ready; "
-        "it would need a statement in store.py that touches every column the relay reads and writes"
-    ),
-)
 @pytest.mark.parametrize("half_migrated", MISSING_COLUMNS, indirect=True, ids=lambda case: ".".join(case[:2]))
 def test_readyz_says_a_half_migrated_schema_is_not_ready(
     half_migrated: tuple[RelayProcess, Database],
