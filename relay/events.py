@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 
 import msgspec
@@ -177,7 +178,9 @@ class _NamedUserData(Struct, forbid_unknown_fields=False):
     object: _NamedUser | None = None
 
 
-_event_decoder = msgspec.json.Decoder(_CloudEvent)
+# A profile's numbers with a fraction or an exponent become Decimals, not floats, so that a value a double
+# cannot hold (0.1000000000000000000001, 1e-400) reaches PostgreSQL's jsonb, which keeps it as sent.
+_event_decoder = msgspec.json.Decoder(_CloudEvent, float_hook=Decimal)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _origin_decoder = msgspec.json.Decoder(_OriginFields)

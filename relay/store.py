@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import msgspec
@@ -38,6 +39,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger("relay.store")
+
+# JSON in and out of PostgreSQL: Decimals (a profile's exact numbers, see relay.events) written as numbers.
+_encode = msgspec.json.Encoder(decimal_format="number").encode
+_decode_exactly = msgspec.json.Decoder(float_hook=Decimal).decode
 
 # Attempts at work that PostgreSQL rolled back because of another writer (a deadlock victim, a user changed
 # between a batch's read and its write, a new user inserted first by a concurrent batch); each attempt starts
@@ -178,13 +183,15 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
 
 
 def _dump_json(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
+    return _encode(value).decode()
 
 
 async def _configure(conn: Connection) -> None:
-    # msgspec reads and writes the JSON columns several times faster than the standard library.
+    # msgspec reads and writes the JSON columns several times faster than the standard library; numbers
+    # with a fraction or an exponent travel as Decimals both ways, so a stored profile is read back and merged
+    # again with every digit it was sent with.
     set_json_dumps(_dump_json, context=conn)
-    set_json_loads(msgspec.json.decode, context=conn)
+    set_json_loads(_decode_exactly, context=conn)
 
 
 # A connection back in use within this many seconds is trusted without a round trip to check it.
@@ -409,8 +416,6 @@ class Committed:
 
 
 Decide = Callable[[frozenset[str], dict[str, StoredUser]], BatchWrites]
-
-_encode = msgspec.json.Encoder().encode
 
 
 async def commit_batch(
