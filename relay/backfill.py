@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -68,7 +69,8 @@ EXPORT_FIELDS = (
     "multifactor",
 )
 
-_user_decoder = msgspec.json.Decoder(UserObject)
+# Checks a row as relay.events checks an event: numbers in metadata may be any a JSON number can be.
+_user_decoder = msgspec.json.Decoder(UserObject, float_hook=Decimal)
 
 # The deepest a row's arrays and objects may nest. msgspec's nesting limit is Python's recursion limit less
 # the depth of the call, so a row checked here, in a shallow call, could be too deep for the relay to decode

@@ -517,7 +517,7 @@ WITH staged AS (
     SELECT DISTINCT ON (user_id) user_id, line, version_time,
            (extract(epoch FROM version_time) * 1000000)::bigint AS version_us
       FROM (SELECT line ->> 'user_id' AS user_id, line,
-                   coalesce(line ->> 'updated_at', line ->> 'created_at')::timestamptz AS version_time
+                   relay_timestamptz(coalesce(line ->> 'updated_at', line ->> 'created_at')) AS version_time
               FROM export_lines) AS lines
      ORDER BY user_id, version_time DESC
 ), known AS (

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,16 @@ from relay.store import Pool
 from tests.support import REPO
 from tests.support.auth0 import MANAGEMENT_API, management_api
 from tests.support.database import Database, dead_letters, user_row
-from tests.support.events import BASE_TIME, encode, export_row, export_rows, ndjson, user_event
+from tests.support.events import (
+    BASE_TIME,
+    NUMBER_POSTGRESQL_REFUSES,
+    REFUSED_NUMBER_ERROR,
+    encode,
+    export_row,
+    export_rows,
+    ndjson,
+    user_event,
+)
 from tests.support.properties import THROUGH_POSTGRESQL
 from tests.support.reference import (
     RowSpec,
@@ -320,11 +329,11 @@ def test_progress_rewrites_one_line_on_a_terminal_and_writes_a_line_per_change_e
 
 def lines_of(rows: list[dict[str, Any]]) -> list[bytes]:
     """Export rows as `export_lines` yields them: one stripped JSON line each."""
-    return [json.dumps(row).encode() for row in rows]
+    return [encode(row) for row in rows]
 
 
 async def load(pool: Pool, rows: list[dict[str, Any]] | list[bytes], **options: Any) -> BackfillReport:
-    lines = [row if isinstance(row, bytes) else json.dumps(row).encode() for row in rows]
+    lines = [row if isinstance(row, bytes) else encode(row) for row in rows]
     return await load_export(pool, iter(lines), "soft", **options)
 
 
@@ -501,15 +510,34 @@ async def test_a_snapshot_newer_than_the_stored_state_replaces_it(
     assert database.query("SELECT email FROM users WHERE user_id = %s", [user_id]) == [("event@example.com",)]
 
 
-# Valid JSON Auth0 users that PostgreSQL refuses: its timestamptz takes UTC offsets up to ±15:59 only.
+@pytest.mark.anyio
+async def test_times_with_utc_offsets_beyond_postgresqls_own_range_are_read_as_rfc_3339_says(
+    pool: Pool, database: Database
+) -> None:
+    """PostgreSQL's timestamptz takes offsets up to ±15:59; RFC 3339, and so the relay, up to ±23:59."""
+    rows = export_rows(3)
+    rows[1] |= {"updated_at": "2025-01-01T00:00:00+20:00", "last_login": "2025-01-01T00:00:00-16:30"}
+
+    report = await load(pool, rows)
+
+    assert (report.inserted, report.rejected) == (3, 0)
+    assert database.query(
+        "SELECT updated_at, last_login, last_event_processed FROM users WHERE user_id = %s",
+        [rows[1]["user_id"]],
+    ) == [
+        (
+            datetime(2024, 12, 31, 4, tzinfo=UTC),
+            datetime(2025, 1, 1, 16, 30, tzinfo=UTC),
+            datetime(2024, 12, 31, 4, tzinfo=UTC),
+        )
+    ]
+
+
+# A valid JSON Auth0 user that PostgreSQL refuses as data.
 REFUSED_ROWS = {
-    "updated_at, the row's version": (
-        {"updated_at": "2025-01-01T00:00:00+20:00"},
-        'PostgreSQL refused the row: time zone displacement out of range: "2025-01-01T00:00:00+20:00"',
-    ),
-    "a typed column": (
-        {"last_login": "2025-01-01T00:00:00-16:30"},
-        'PostgreSQL refused the row: time zone displacement out of range: "2025-01-01T00:00:00-16:30"',
+    "user_metadata": (
+        {"user_metadata": {"size": NUMBER_POSTGRESQL_REFUSES}},
+        f"PostgreSQL refused the row: {REFUSED_NUMBER_ERROR}",
     ),
 }
 

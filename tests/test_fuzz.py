@@ -239,8 +239,8 @@ extreme_times = st.sampled_from(
     st.integers(0, 999_999_999),
 )
 
-# JSON numbers at and beyond the ends of what a bigint and a double hold, some only approximately; in a profile
-# each is stored exactly as sent, or (beyond what PostgreSQL's numeric holds) the event is set aside.
+# JSON numbers at and beyond the ends of what a bigint and a double hold, some only approximately; in a
+# profile each is stored exactly as sent, or (beyond what PostgreSQL's numeric holds) the event is set aside.
 extreme_numbers = st.sampled_from(
     [
         b"9223372036854775807",
