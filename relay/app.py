@@ -5,10 +5,13 @@ that does not arrive, 413 for an oversized one, 503 with `Retry-After` when Post
 now (Auth0 retries 5xx, never 4xx), and 200 only after the commit. Never 500: whatever goes wrong unforeseen
 is logged once and answered 503, since nothing was committed.
 
-The two event routes are Litestar's raw ASGI handlers: they read the headers and the body straight from the
+The three event routes (`/events/action`, `/events/webhook`, `/events/eventbridge`) are Litestar's raw ASGI
+handlers: they read the headers and the body straight from the
 ASGI messages and answer with pre-encoded JSON. The framework's request and response objects, its middleware
 and a log line per request cost several times the relay's own work per event (`make bench` measures it), and
-none of them serves these routes. `/healthz`, `/readyz` and `/metrics` are ordinary Litestar handlers.
+none of them serves these routes. With `RELAY_SQS_QUEUE_URL` set, the lifespan also runs the SQS consumer
+(`relay.sqs`) beside them, on the same pipeline. `/healthz`, `/readyz` and `/metrics` are ordinary Litestar
+handlers.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 from litestar.types import Receive, Scope, Send
 
+from relay import eventbridge
 from relay.batching import Saturated
-from relay.events import decode_body
+from relay.events import Item, decode_body
 from relay.migrations import latest_version
 from relay.observability import (
     ACK_SECONDS,
@@ -47,6 +51,7 @@ from relay.observability import (
 from relay.pipeline import Delivery, EventResult, NotAllowed, Pipeline
 from relay.settings import Settings
 from relay.signing import Rejected, verify_standard_webhook, verify_webhook_credentials
+from relay.sqs import QueueConsumer
 from relay.store import NotMigrated, Pool, StoreError, check_batch_statements, create_pool, migrated_version
 
 log = logging.getLogger("relay")
@@ -134,12 +139,22 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
 
 
 Authenticate = Callable[[Relay, dict[str, str], Receive], Awaitable[bytes]]
+Decode = Callable[[Relay, bytes], list[Item]]
+
+
+def _decode_events(relay: Relay, body: bytes) -> list[Item]:
+    return decode_body(body)
+
+
+def _decode_eventbridge(relay: Relay, body: bytes) -> list[Item]:
+    return eventbridge.decode_request(body, relay.settings.eventbridge_sources)
 
 
 def _event_route(
-    route: str, relay: Callable[[], Relay], authenticate: Authenticate
+    route: str, relay: Callable[[], Relay], authenticate: Authenticate, decode: Decode
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """An ASGI handler for one event route: `authenticate` checks the request and returns its body."""
+    """An ASGI handler for one event route: `authenticate` checks the request and returns its body, `decode`
+    makes it the delivery's items (raising `NotAllowed` for a body that is not ours to keep)."""
     path = f"/events/{route}"
     acknowledged = ACK_SECONDS.labels(route)
 
@@ -153,8 +168,7 @@ def _event_route(
         headers = _headers(scope)
         try:
             body = await authenticate(current, headers, receive)
-            delivery = Delivery(route, decode_body(body), headers)
-            results = await _deliver(current, delivery)
+            results = await _deliver(current, route, lambda: decode(current, body), headers)
         except _Refusal as refusal:
             if refusal.status == 499:
                 return  # nobody is listening for an answer
@@ -187,9 +201,11 @@ def _event_route(
     return handle
 
 
-async def _deliver(relay: Relay, delivery: Delivery) -> list[EventResult]:
+async def _deliver(
+    relay: Relay, route: str, items: Callable[[], list[Item]], headers: dict[str, str]
+) -> list[EventResult]:
     try:
-        return await relay.pipeline.deliver(delivery)
+        return await relay.pipeline.deliver(Delivery(route, items(), headers))
     except NotAllowed as refused:
         # Authentic, but another tenant's or stream's event: not ours to store, and Auth0 must see a failure.
         raise _Refusal(403, str(refused), refused.code) from None
@@ -202,7 +218,7 @@ async def _deliver(relay: Relay, delivery: Delivery) -> list[EventResult]:
         raise _Refusal(503, "database unavailable; retry later", "database", str(error)) from None
     except Exception as error:
         # Nothing was committed, so a retry is safe; a 500 would count toward disabling the stream for naught.
-        log.exception("delivery failed", extra={"fields": {"route": delivery.route}})
+        log.exception("delivery failed", extra={"fields": {"route": route}})
         raise _Refusal(
             503, "the relay could not take the events; retry later", "internal", type(error).__name__
         ) from None
@@ -269,6 +285,14 @@ async def readyz(state: State) -> Response[Any]:
     return Response({"status": "ready", "migration": found}, status_code=200)
 
 
+async def _finished(consuming: asyncio.Task[None]) -> None:
+    """Waits for the SQS consumer to end; had it failed, says so (its messages are still in the queue)."""
+    try:
+        await consuming
+    except Exception:
+        log.exception("the SQS consumer stopped with an error")
+
+
 def _unready(reason: str) -> Response[dict[str, str]]:
     return Response({"error": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
@@ -285,10 +309,16 @@ def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] 
         await pool.open(wait=False)
         pipeline.start()
         sampling = asyncio.create_task(sample_runtime_forever(pool, pipeline))
+        consumer = QueueConsumer(pipeline, settings) if settings.sqs_queue_url else None
+        consuming = asyncio.create_task(consumer.run()) if consumer else None
         app.state.relay = relay
         try:
             yield
         finally:
+            if consumer is not None and consuming is not None:
+                # Stop receiving; the batches in hand are committed and their messages deleted.
+                consumer.stop()
+                await _finished(consuming)
             # Every event already accepted is committed before the pool goes away.
             await pipeline.close()
             sampling.cancel()
@@ -296,8 +326,14 @@ def create_app(settings: Settings, conninfo: str, *, clock: Callable[[], float] 
             forget_this_process()
 
     routes = [
-        asgi(f"/events/{route}", copy_scope=False)(_event_route(route, lambda: relay, authenticate))
-        for route, authenticate in (("action", _signed_body), ("webhook", _webhook_body))
+        asgi(f"/events/{route}", copy_scope=False)(_event_route(route, lambda: relay, authenticate, decode))
+        for route, authenticate, decode in (
+            ("action", _signed_body, _decode_events),
+            ("webhook", _webhook_body, _decode_events),
+            # An EventBridge API destination's connection sends the webhook's credentials: an API key
+            # header (`Authorization: Bearer …` or the custom header) or Basic.
+            ("eventbridge", _webhook_body, _decode_eventbridge),
+        )
     ]
     return Litestar(
         route_handlers=[*routes, healthz, readyz, PrometheusController],

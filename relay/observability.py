@@ -61,6 +61,21 @@ EVENT_LAG_SECONDS = Histogram(
     "At each commit, now minus the `time` of its oldest user event: how far behind Auth0 the copy runs.",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 86400),
 )
+SQS_RECEIVED = Counter("relay_sqs_messages_received_total", "Messages received from the SQS queue.")
+SQS_DELETED = Counter(
+    "relay_sqs_messages_deleted_total", "Messages deleted from the SQS queue, each after its event committed."
+)
+SQS_REFUSED = Counter(
+    "relay_sqs_messages_refused_total",
+    "Messages left in the queue for its redrive policy, by reason (not_eventbridge, log_stream_event, "
+    "source_not_allowed, origin_not_allowed, other_tenant).",
+    ["reason"],
+)
+SQS_LAG_SECONDS = Histogram(
+    "relay_sqs_lag_seconds",
+    "From a message's arrival in the queue (SentTimestamp) to its deletion: how far behind the consumer is.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 86400),
+)
 
 _POOL_GAUGES = {
     key: Gauge(f"relay_db_{key}", help_text, multiprocess_mode="livesum")

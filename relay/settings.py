@@ -31,6 +31,12 @@ _TENANT_NAME = re.compile(r"[a-z0-9][-a-z0-9]{1,62}[a-z0-9]")
 _STREAM_ID = re.compile(r"est_[A-Za-z0-9]{1,64}")
 # Standard Webhooks secrets carry 24 to 64 random bytes; fewer is too weak to accept.
 _MIN_SECRET_BYTES = 24
+# EventBridge source names: letters, digits and . / _ - (e.g. aws.partner/auth0.com/acme-<uuid>/auth0.events).
+_EVENT_SOURCE = re.compile(r"[A-Za-z0-9./_-]{1,256}")
+# An SQS queue URL, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/auth0-events; the region is read
+# from its host when AWS_REGION / AWS_DEFAULT_REGION are unset.
+_QUEUE_URL = re.compile(r"https?://[^/\s]+/[0-9]+/[A-Za-z0-9_-]{1,80}(\.fifo)?")
+_REGION_IN_QUEUE_HOST = re.compile(r"sqs\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?")
 
 
 class ConfigError(ValueError):
@@ -81,6 +87,16 @@ class Settings:
     """Tenants (`a0tenant`) whose events are accepted; empty accepts any."""
     allowed_streams: frozenset[str] = frozenset()
     """Event streams (`a0stream`) whose events are accepted; empty accepts any."""
+    eventbridge_sources: frozenset[str] = frozenset()
+    """EventBridge `source` names accepted (partner event sources); empty accepts any Auth0 partner source."""
+    sqs_queue_url: str | None = None
+    """The SQS queue an EventBridge rule fills; set, `relay serve` long-polls it beside the HTTP routes."""
+    aws_region: str | None = None
+    """The queue's AWS region (AWS_REGION, AWS_DEFAULT_REGION, or the queue URL's host)."""
+    sqs_visibility_seconds: int = 30
+    """How long a received message stays hidden from other consumers; extended while its batch is slow."""
+    sqs_pollers: int = 2
+    """Long polls each worker keeps open at once (each takes up to 10 messages)."""
 
     @property
     def has_credentials(self) -> bool:
@@ -112,6 +128,13 @@ class Settings:
         log_level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"RELAY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+
+        queue_url = text("RELAY_SQS_QUEUE_URL")
+        if queue_url is not None and not _QUEUE_URL.fullmatch(queue_url):
+            raise ConfigError(
+                "RELAY_SQS_QUEUE_URL: expected an SQS queue URL such as "
+                f"https://sqs.us-east-1.amazonaws.com/123456789012/auth0-events, got {queue_url!r}"
+            )
 
         return cls(
             database_url=_database_url(text("DATABASE_URL")),
@@ -148,6 +171,16 @@ class Settings:
                 _STREAM_ID,
                 "est_38ANnv8pQhqsZrX2VFbftv",
             ),
+            eventbridge_sources=_names(
+                text("RELAY_EVENTBRIDGE_SOURCES"),
+                "RELAY_EVENTBRIDGE_SOURCES",
+                _EVENT_SOURCE,
+                "aws.partner/auth0.com/acme-0123abcd/auth0.events",
+            ),
+            sqs_queue_url=queue_url,
+            aws_region=_aws_region(env, queue_url),
+            sqs_visibility_seconds=_integer(env, "RELAY_SQS_VISIBILITY_SECONDS", 30, 2, 43_200),
+            sqs_pollers=_integer(env, "RELAY_SQS_POLLERS", 2, 1, 32),
         )
 
 
@@ -161,6 +194,23 @@ def _database_url(value: str | None) -> str | None:
                 "DATABASE_URL: expected a libpq URI such as postgresql://user:password@host:5432/dbname"
             ) from None
     return value
+
+
+def _aws_region(env: Mapping[str, str], queue_url: str | None) -> str | None:
+    """The region the AWS SDKs would use, else the one the queue URL names; required with a queue."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if env.get(name, "").strip():
+            return env[name].strip()
+    if queue_url is None:
+        return None
+    host = queue_url.split("/")[2]
+    found = _REGION_IN_QUEUE_HOST.fullmatch(host)
+    if found is None:
+        raise ConfigError(
+            "AWS_REGION: not set, and RELAY_SQS_QUEUE_URL does not name a region; set it to the queue's "
+            "region, e.g. us-east-1"
+        )
+    return found[1]
 
 
 def _is_ip_address(value: str) -> bool:

@@ -15,6 +15,7 @@ from relay.embedded import start_embedded
 from relay.pipeline import Pipeline
 from relay.store import Pool, create_pool
 from tests.support.auth0 import AUTH0_ENVIRONMENT
+from tests.support.aws import Aws, moto_server
 from tests.support.database import Database, migrated_schema
 from tests.support.http import RelayProcess, relay_environment, running_relay
 
@@ -74,6 +75,14 @@ def relay_env(monkeypatch: pytest.MonkeyPatch, database: Database) -> Database:
     for name, value in AUTH0_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
     return database
+
+
+@pytest.fixture(scope="session")
+def aws() -> Iterator[Aws]:
+    """A moto server (SQS, EventBridge) for the session, started like the embedded PostgreSQL; each test
+    makes queues and buses of its own."""
+    with moto_server() as server:
+        yield server
 
 
 @pytest.fixture

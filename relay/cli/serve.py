@@ -26,12 +26,14 @@ def serve(settings: Settings, *, migrate_first: bool) -> int:
     from relay import app, migrations
 
     if not settings.has_credentials:
-        if settings.database_url:
+        if settings.database_url and not settings.sqs_queue_url:
             raise ConfigError(
                 "no credentials configured: set RELAY_SIGNING_SECRETS (for the Action) and/or "
-                "RELAY_WEBHOOK_TOKENS, RELAY_WEBHOOK_BASIC or RELAY_WEBHOOK_HEADER (for the webhook)"
+                "RELAY_WEBHOOK_TOKENS, RELAY_WEBHOOK_BASIC or RELAY_WEBHOOK_HEADER (for the webhook), "
+                "or RELAY_SQS_QUEUE_URL (to take events from an SQS queue only)"
             )
-        settings = _with_dev_credentials(settings)
+        if not settings.database_url:
+            settings = _with_dev_credentials(settings)
     conninfo, psql = database(settings)
     if migrate_first:
         for migration in asyncio.run(migrations.migrate(conninfo, settings.db_schema)):
@@ -61,8 +63,11 @@ def _print_banner(settings: Settings, conninfo: str, psql: str | None) -> None:
         f"relay listening on {base} ({settings.workers} worker{'s' if settings.workers > 1 else ''})",
         f"  POST {base}/events/action    (Standard Webhooks signature from the Auth0 Action)",
         f"  POST {base}/events/webhook   (Auth0 webhook destination: bearer, basic or custom header)",
+        f"  POST {base}/events/eventbridge  (EventBridge API destination: the webhook's credentials)",
         f"  GET  {base}/healthz  {base}/readyz",
     ]
+    if settings.sqs_queue_url:
+        lines.append(f"consuming SQS queue {settings.sqs_queue_url} (EventBridge events)")
     if psql is not None:
         from relay.embedded import dev_credentials
 
