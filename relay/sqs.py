@@ -51,7 +51,7 @@ WAIT_SECONDS = 20
 MAX_MESSAGES = 10
 # Pauses between attempts while PostgreSQL (or SQS) cannot be used: short at first, then at most this.
 FIRST_PAUSE_SECONDS = 0.5
-MAX_PAUSE_SECONDS = 10.0
+MAX_PAUSE_SECONDS = 5.0
 
 
 class QueueConsumer:

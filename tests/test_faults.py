@@ -32,7 +32,7 @@ from relay.migrations import migrate
 from tests.support.database import Database
 from tests.support.events import encode, new_users
 from tests.support.http import WEBHOOK_TOKEN, relay_environment, running_relay, signed_headers
-from tests.support.reference import FIELD_VALUES, Spec, assert_copy_matches, make_spec, to_cloudevents
+from tests.support.reference import assert_copy_matches, conflicting_history, to_cloudevents
 
 pytestmark = pytest.mark.integration
 
@@ -290,23 +290,6 @@ def test_sigterm_under_load_commits_what_was_acknowledged_and_exits_0(
 
 # ---------------------------------------------------------------------------------------------------------
 # Two relays, one database, conflicting events for the same users
-
-
-def conflicting_history(chooser: random.Random, users: int, events: int) -> list[Spec]:
-    """Creates, full and partial updates, deletes and test events for a few users, with many equal times."""
-    return [
-        make_spec(
-            chooser.choice(["created", "updated", "updated", "updated", "deleted", "test"]),
-            chooser.randrange(users),
-            chooser.randrange(60),
-            {
-                name: chooser.choice(FIELD_VALUES[name])
-                for name in chooser.sample(sorted(FIELD_VALUES), k=chooser.randint(0, 4))
-            },
-            chooser.choice(["snapshot", "snapshot", "deleted_at", "updated_at", "partial"]),
-        )
-        for _ in range(events)
-    ]
 
 
 def test_two_relays_on_one_database_converge_on_conflicting_events_without_errors(

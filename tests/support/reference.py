@@ -7,6 +7,7 @@ state whatever the arrival order, the duplicates, the batching and the concurren
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -111,6 +112,23 @@ def deliveries(draw: st.DrawFn, max_events: int = 14) -> tuple[list[Spec], list[
     for duplicate in draw(st.lists(st.integers(0, len(history) - 1), max_size=5)):
         delivered.insert(draw(st.integers(0, len(delivered))), duplicate)
     return history, delivered
+
+
+def conflicting_history(chooser: random.Random, users: int, events: int) -> list[Spec]:
+    """Creates, full and partial updates, deletes and test events for a few users, with many equal times."""
+    return [
+        make_spec(
+            chooser.choice(["created", "updated", "updated", "updated", "deleted", "test"]),
+            chooser.randrange(users),
+            chooser.randrange(60),
+            {
+                name: chooser.choice(FIELD_VALUES[name])
+                for name in chooser.sample(sorted(FIELD_VALUES), k=chooser.randint(0, 4))
+            },
+            chooser.choice(["snapshot", "snapshot", "deleted_at", "updated_at", "partial"]),
+        )
+        for _ in range(events)
+    ]
 
 
 def to_cloudevents(history: list[Spec], prefix: str) -> list[dict[str, Any]]:
