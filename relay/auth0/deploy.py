@@ -36,7 +36,7 @@ from relay.auth0.management import (
 from relay.settings import ConfigError, decode_signing_secret
 
 if TYPE_CHECKING:
-    from auth0.management import Action, GetActionResponseContent
+    from auth0.management import Action, EventStreamResponseContent, GetActionResponseContent
 
 DEFAULT_NAME = "user-sync-relay"
 TRIGGER_ID = "event-stream"
@@ -148,6 +148,38 @@ def ensure_deployed(
     return Deployed(deployer.changes)
 
 
+def find_stream(api: Management, stream_name: str) -> EventStreamResponseContent | None:
+    """The tenant's event stream named `stream_name`, if there is one."""
+    streams = api.call(
+        "list the event streams",
+        "read:event_streams",
+        lambda sdk, once: list(sdk.event_streams.list(take=100, request_options=once)),
+    )
+    return next((stream for stream in streams if stream.name == stream_name and stream.id), None)
+
+
+def stream_drift(existing: EventStreamResponseContent) -> tuple[dict[str, Any], list[str]]:
+    """The update that makes a stream send exactly `EVENT_TYPES` and be enabled (empty when it does), and
+    each change in words."""
+    from auth0.management import EventStreamSubscription
+
+    changes: dict[str, Any] = {}
+    described: list[str] = []
+    current = {s.event_type for s in existing.subscriptions or [] if s.event_type}
+    if current != set(EVENT_TYPES):
+        changes["subscriptions"] = [
+            EventStreamSubscription(event_type=event_type) for event_type in EVENT_TYPES
+        ]
+        added, removed = sorted(set(EVENT_TYPES) - current), sorted(current - set(EVENT_TYPES))
+        described.append(
+            "subscriptions" + "".join(f" +{t}" for t in added) + "".join(f" -{t}" for t in removed)
+        )
+    if existing.status != "enabled":
+        changes["status"] = "enabled"
+        described.append(f"status {existing.status} → enabled")
+    return changes, described
+
+
 @dataclass
 class _Deployer:
     api: Management
@@ -256,12 +288,7 @@ class _Deployer:
         destination = EventStreamActionDestination(
             type="action", configuration=EventStreamActionConfiguration(action_id=action_id or "")
         )
-        streams = self.api.call(
-            "list the event streams",
-            "read:event_streams",
-            lambda sdk, once: list(sdk.event_streams.list(take=100, request_options=once)),
-        )
-        existing = next((stream for stream in streams if stream.name == stream_name), None)
+        existing = find_stream(self.api, stream_name)
         if existing is None or not existing.id:
             self._change(
                 f"{label}: not found; {self._will('creating', 'would create')} it "
@@ -292,16 +319,9 @@ class _Deployer:
         if not points_here:
             changes["destination"] = destination
             described.append(f"destination → {target}")
-        current = {s.event_type for s in existing.subscriptions or [] if s.event_type}
-        if current != set(EVENT_TYPES):
-            changes["subscriptions"] = subscriptions
-            added, removed = sorted(set(EVENT_TYPES) - current), sorted(current - set(EVENT_TYPES))
-            described.append(
-                "subscriptions" + "".join(f" +{t}" for t in added) + "".join(f" -{t}" for t in removed)
-            )
-        if existing.status != "enabled":
-            changes["status"] = "enabled"
-            described.append(f"status {existing.status} → enabled")
+        drift, drift_described = stream_drift(existing)
+        changes.update(drift)
+        described += drift_described
         if not changes:
             self.say(f"{label}: up to date ({target}, {', '.join(EVENT_TYPES)}, enabled)")
             return

@@ -1,8 +1,8 @@
 """The `relay` console script: `serve` and `migrate`; `send-sample` for a first look; the Auth0 tasks
-`deploy-action`, `verify`, `backfill`, `catch-up`, `deliveries` and `redeliver`; and the operator's
-`dead-letters` and `prune`. This module parses and dispatches; each group of commands has a module here that
-runs the library's work and says how it went. This package is the only part of the relay that writes to the
-terminal.
+`deploy-action`, `deploy-eventbridge`, `verify`, `backfill`, `catch-up`, `deliveries` and `redeliver`; and
+the operator's `dead-letters` and `prune`. This module parses and dispatches; each group of commands has a
+module here that runs the library's work and says how it went. This package is the only part of the relay
+that writes to the terminal.
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     deploy.add_argument("--name", default="user-sync-relay", help="the Action's name")
     deploy.add_argument("--stream-name", default="user-sync-relay", help="the event stream's name")
     deploy.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    eventbridge = commands.add_parser(
+        "deploy-eventbridge",
+        help="create or update an Auth0 event stream to Amazon EventBridge; prints its partner event source",
+    )
+    eventbridge.add_argument(
+        "--aws-account-id", required=True, type=_aws_account_id, help="the 12-digit AWS account id"
+    )
+    eventbridge.add_argument(
+        "--aws-region", required=True, type=_aws_region, help="the AWS region, e.g. us-east-1"
+    )
+    eventbridge.add_argument("--stream-name", default="user-sync-relay", help="the event stream's name")
+    eventbridge.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     verify = commands.add_parser(
         "verify",
         help="create, rename and delete a throw-away Auth0 user and wait for each change in PostgreSQL",
@@ -181,6 +193,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from relay.cli.deploy import deploy_action
 
         return deploy_action(os.environ, name=args.name, stream_name=args.stream_name, dry_run=args.dry_run)
+    if command == "deploy-eventbridge":
+        from relay.cli.deploy import deploy_eventbridge
+
+        return deploy_eventbridge(
+            os.environ,
+            aws_account_id=args.aws_account_id,
+            aws_region=args.aws_region,
+            stream_name=args.stream_name,
+            dry_run=args.dry_run,
+        )
     if command == "verify":
         from relay.cli.verify import verify
 
@@ -222,6 +244,22 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if command == "deliveries":
         return deliveries(os.environ, **chosen)
     return redeliver(os.environ, event_id=args.event_id, **chosen)
+
+
+def _aws_account_id(text: str) -> str:
+    if not (len(text) == 12 and text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a 12-digit AWS account id, got {text!r}")
+    return text
+
+
+def _aws_region(text: str) -> str:
+    from relay.auth0.eventbridge import aws_regions
+
+    if text not in aws_regions():
+        raise argparse.ArgumentTypeError(
+            f"expected an AWS region Auth0 can send events to, such as us-east-1, got {text!r}"
+        )
+    return text
 
 
 def _positive(text: str) -> int:

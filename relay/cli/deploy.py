@@ -44,3 +44,44 @@ def deploy_action(
     else:
         say("nothing to change")
     return 0
+
+
+def deploy_eventbridge(
+    environ: Mapping[str, str],
+    *,
+    aws_account_id: str,
+    aws_region: str,
+    stream_name: str = DEFAULT_NAME,
+    dry_run: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Returns the exit status; prints the partner event source name and what to do with it."""
+    from relay.auth0.eventbridge import ensure_eventbridge_stream
+
+    try:
+        stream = ensure_eventbridge_stream(
+            environ,
+            aws_account_id=aws_account_id,
+            aws_region=aws_region,
+            stream_name=stream_name,
+            dry_run=dry_run,
+            progress=say,
+            on_rate_limit=rate_limit_notice(sys.stdout),
+            sleep=sleep,
+        )
+    except (ManagementError, DeployFailed) as error:
+        print(f"relay deploy-eventbridge: {error}", file=sys.stderr, flush=True)
+        return 1
+    if dry_run:
+        say("dry run: nothing was written" + ("" if stream.changes else "; nothing to change"))
+    else:
+        say("done" if stream.changes else "nothing to change")
+    if stream.partner_event_source:
+        say(f"partner event source: {stream.partner_event_source}")
+        say(
+            "next: deploy deploy/aws/eventbridge-sqs.yaml with PartnerEventSourceName set to it "
+            f"(in AWS account {aws_account_id}, {aws_region}), then run relay serve with RELAY_SQS_QUEUE_URL"
+        )
+    elif not dry_run:
+        say("Auth0 did not report the partner event source yet; run this again in a minute to see it")
+    return 0
