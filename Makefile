@@ -42,7 +42,7 @@ deploy-action: $(SYNCED)
 # transaction per event, and its backfill against the COPY limit; ratios first. Installs wrk when missing.
 bench: $(SYNCED) $(GUIDE_TOOLS)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(VENV)/bin/python bench/run.py $(ARGS)
+	$(VENV)/bin/python -m bench.run $(ARGS)
 
 $(UV):
 	$(PYTHON) -m venv .tools

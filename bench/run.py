@@ -14,6 +14,11 @@ median ratio over the rounds. The servers:
                                uvicorn with as many worker processes as the relay
   bare Litestar (1 process)    the same app in one process
 
+Each round also measures the SQS path: a queue on a moto server (in this process) holding the same kind of
+events wrapped as EventBridge delivers them, drained by `relay serve` with `RELAY_SQS_QUEUE_URL` and every
+other setting at its default; its events per second (from serving to the last event in the ledger) are
+reported as a ratio to the relay's webhook route in the same round.
+
 After every relay run, each event wrk saw acknowledged is looked up in `processed_events`: the count missing
 is printed, and must be 0. A longer relay run samples the memory of all its processes. Then the backfill of
 a generated export (`relay backfill --file`, end to end) is timed against the COPY limit of the same server:
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -44,6 +50,8 @@ import psycopg
 from psycopg import sql
 
 from relay.migrations import migrate
+from tests.support.aws import Aws, eventbridge_event, make_queue, moto_server
+from tests.support.events import new_users
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -56,6 +64,7 @@ GUIDE = "guide-style handler"
 BARE_N = f"bare Litestar ({WORKERS} processes)"
 BARE_1 = "bare Litestar (1 process)"
 SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX)
+SQS = "relay SQS consumer (moto)"
 
 
 @dataclass
@@ -83,6 +92,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--backfill-users", type=int, default=300_000, help="export size (0 skips backfill)")
+    parser.add_argument("--sqs-events", type=int, default=5000, help="events queued per SQS run (0 skips it)")
     args = parser.parse_args()
 
     for tool in ("wrk", "node"):
@@ -99,12 +109,18 @@ def main() -> int:
     drop_bench_schemas(conninfo)
 
     runs: list[Run] = []
-    for round_number in range(1, args.rounds + 1):
-        # The order turns each round, so no server always runs first, or right after the slowest.
-        order = SERVERS[round_number - 1 :] + SERVERS[: round_number - 1]
-        for server in order:
-            print(f"round {round_number}: {server} ...", flush=True)
-            runs.append(run_server(server, round_number, args.seconds, conninfo, args))
+    sqs_rates: dict[int, float] = {}
+    with contextlib.ExitStack() as stack:
+        aws = stack.enter_context(moto_server()) if args.sqs_events else None
+        for round_number in range(1, args.rounds + 1):
+            # The order turns each round, so no server always runs first, or right after the slowest.
+            order = SERVERS[round_number - 1 :] + SERVERS[: round_number - 1]
+            for server in order:
+                print(f"round {round_number}: {server} ...", flush=True)
+                runs.append(run_server(server, round_number, args.seconds, conninfo, args))
+            if aws is not None:
+                print(f"round {round_number}: {SQS} ({args.sqs_events:,} queued events) ...", flush=True)
+                sqs_rates[round_number] = sqs_run(aws, round_number, args.sqs_events, conninfo)
     soak = None
     if args.soak_seconds:
         print(f"memory run: {RELAY}, {args.soak_seconds} s ...", flush=True)
@@ -121,7 +137,7 @@ def main() -> int:
             relay_rate = relay_backfill(conninfo, export, args.backfill_users)
             backfills.append((relay_rate, copy_rate))
 
-    report(runs, soak, backfills, args)
+    report(runs, soak, backfills, sqs_rates, args)
     lost = [run.lost for run in runs + ([soak] if soak else []) if run.lost]
     return 1 if lost else 0
 
@@ -245,6 +261,44 @@ def load(
     )
     summary: dict[str, float] = json.loads(completed.stdout.strip().splitlines()[-1])
     return summary
+
+
+def sqs_run(aws: Aws, round_number: int, events: int, conninfo: str) -> float:
+    """Events per second `relay serve` drains from an SQS queue holding `events` EventBridge events."""
+    schema = f"bench_{round_number}_sqs"
+    fresh_schema(conninfo, schema, relay=True)
+    queue = make_queue(aws, visibility_seconds=30, max_receives=5)
+    sqs = aws.client("sqs")
+    bodies = [json.dumps(eventbridge_event(event)) for event in new_users(f"sqs{round_number}", events)]
+    for start in range(0, events, 10):
+        entries = [{"Id": str(n), "MessageBody": body} for n, body in enumerate(bodies[start : start + 10])]
+        sqs.send_message_batch(QueueUrl=queue.url, Entries=entries)
+    port = free_port()
+    command, env = server_command(RELAY, conninfo, schema, port)
+    env.update(aws.environment(), RELAY_SQS_QUEUE_URL=queue.url)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
+        log_path = Path(scratch) / "server.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_serving(port, process, log_path)
+            started = time.monotonic()
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                count = sql.SQL("SELECT count(*) FROM {}.processed_events").format(sql.Identifier(schema))
+                while (row := conn.execute(count).fetchone()) is not None and row[0] < events:
+                    if time.monotonic() - started > 600:
+                        raise RuntimeError(f"the SQS run applied {row[0]} of {events} events in 600 s")
+                    time.sleep(0.05)
+            elapsed = time.monotonic() - started
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    drop_schema(conninfo, schema)
+    return events / elapsed
 
 
 def wait_until_serving(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -480,7 +534,11 @@ def free_port() -> int:
 
 
 def report(
-    runs: list[Run], soak: Run | None, backfills: list[tuple[float, float]], args: argparse.Namespace
+    runs: list[Run],
+    soak: Run | None,
+    backfills: list[tuple[float, float]],
+    sqs_rates: dict[int, float],
+    args: argparse.Namespace,
 ) -> None:
     by_round: dict[int, dict[str, Run]] = {}
     for run in runs:
@@ -504,6 +562,9 @@ def report(
         (f"relay / {BARE_1}", *median_ratio(RELAY, BARE_1), ""),
         (f"relay / {ONE_TX}", *median_ratio(RELAY, ONE_TX), ""),
     ]
+    if sqs_rates:
+        ratios = [rate / by_round[number][RELAY].events_per_second for number, rate in sqs_rates.items()]
+        rows.append((f"{SQS} / relay webhook route", statistics.median(ratios), ratios, ""))
     if backfills:
         ratios = [relay / copy for relay, copy in backfills]
         rows.append(("backfill / COPY limit", statistics.median(ratios), ratios, ">= 0.5"))
@@ -532,6 +593,8 @@ def report(
             f"  {run.server:<34}{label:>6}{run.events_per_second:>10.0f}{run.p50_ms:>8.1f}{run.p99_ms:>8.1f}"
             f"{run.max_ms:>8.1f}{run.refused:>9}{lost_text:>6}"
         )
+    for number, rate in sqs_rates.items():
+        print(f"  {SQS} round {number}: {rate:,.0f} events/s")
     for number, (relay, copy) in enumerate(backfills, start=1):
         print(
             f"  backfill round {number}: relay backfill {relay:,.0f} users/s, COPY limit {copy:,.0f} users/s"
