@@ -172,12 +172,7 @@ def run_server(
             if sampler:
                 sampler.stop()
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
         acked = read_acknowledged(acked_prefix, args.threads) if acked_prefix else []
     result = Run(
         server,
@@ -291,14 +286,19 @@ def sqs_run(aws: Aws, round_number: int, events: int, conninfo: str) -> float:
                     time.sleep(0.05)
             elapsed = time.monotonic() - started
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
     drop_schema(conninfo, schema)
     return events / elapsed
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as an orchestrator stops the relay; killed if it has not ended within 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_until_serving(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:

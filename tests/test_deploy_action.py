@@ -22,6 +22,7 @@ from tests.support.auth0 import (
     management_api,
     mock_token,
     requests_made,
+    streams_page,
 )
 from tests.support.http import OTHER_SECRET, SIGNING_SECRET
 
@@ -101,10 +102,6 @@ def stream(**changes: Any) -> dict[str, Any]:
 
 def actions_page(*actions: dict[str, Any]) -> dict[str, Any]:
     return {"total": len(actions), "page": 0, "per_page": 50, "actions": list(actions)}
-
-
-def streams_page(*streams: dict[str, Any]) -> dict[str, Any]:
-    return {"eventStreams": list(streams), "next": None}
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from tests.support.auth0 import (
     TOKEN_REQUEST,
     management_api,
     requests_made,
+    streams_page,
 )
 
 API = MANAGEMENT_API
@@ -57,10 +58,6 @@ def stream(**changes: Any) -> dict[str, Any]:
         "updated_at": "2026-01-01T00:00:00Z",
     }
     return described | changes
-
-
-def streams_page(*streams: dict[str, Any]) -> dict[str, Any]:
-    return {"eventStreams": list(streams), "next": None}
 
 
 @pytest.fixture

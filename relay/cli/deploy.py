@@ -37,13 +37,15 @@ def deploy_action(
     except (ManagementError, DeployFailed) as error:
         print(f"relay deploy-action: {error}", file=sys.stderr, flush=True)
         return 1
-    if dry_run:
-        say("dry run: nothing was written" + ("" if deployed.changes else "; nothing to change"))
-    elif deployed.changes:
-        say("done")
-    else:
-        say("nothing to change")
+    _say_what_it_came_to(deployed.changes, dry_run)
     return 0
+
+
+def _say_what_it_came_to(changes: int, dry_run: bool) -> None:
+    if dry_run:
+        say("dry run: nothing was written" + ("" if changes else "; nothing to change"))
+    else:
+        say("done" if changes else "nothing to change")
 
 
 def deploy_eventbridge(
@@ -72,10 +74,7 @@ def deploy_eventbridge(
     except (ManagementError, DeployFailed) as error:
         print(f"relay deploy-eventbridge: {error}", file=sys.stderr, flush=True)
         return 1
-    if dry_run:
-        say("dry run: nothing was written" + ("" if stream.changes else "; nothing to change"))
-    else:
-        say("done" if stream.changes else "nothing to change")
+    _say_what_it_came_to(stream.changes, dry_run)
     if stream.partner_event_source:
         say(f"partner event source: {stream.partner_event_source}")
         say(

@@ -69,3 +69,8 @@ def requests_made(router: respx.MockRouter) -> list[tuple[str, str, dict[str, st
                 body = json.loads(request.content)
         made.append((request.method, request.url.path, dict(request.url.params), body))
     return made
+
+
+def streams_page(*streams: dict[str, Any]) -> dict[str, Any]:
+    """A page of `GET /api/v2/event-streams`, as Auth0 answers it."""
+    return {"eventStreams": list(streams), "next": None}
