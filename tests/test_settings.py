@@ -224,3 +224,28 @@ def test_a_custom_header_credential_may_not_use_a_header_kept_with_dead_letters(
         f"RELAY_WEBHOOK_HEADER: {name.title()!r} cannot carry a custom-header credential "
         "(the request needs it for itself, or a dead letter keeps it for diagnosis)"
     )
+
+
+QUEUE_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/auth0-events"
+
+
+def test_the_queue_region_comes_from_the_aws_environment_else_from_the_queue_url():
+    assert Settings.from_env({"RELAY_SQS_QUEUE_URL": QUEUE_URL}).aws_region == "eu-west-1"
+    named = {"RELAY_SQS_QUEUE_URL": QUEUE_URL, "AWS_DEFAULT_REGION": "us-east-2"}
+    assert Settings.from_env(named).aws_region == "us-east-2"
+    assert Settings.from_env({**named, "AWS_REGION": "ap-south-1"}).aws_region == "ap-south-1"
+    assert Settings.from_env({}).sqs_queue_url is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"RELAY_SQS_QUEUE_URL": "sqs://queue"}, "RELAY_SQS_QUEUE_URL"),
+        ({"RELAY_SQS_QUEUE_URL": "http://127.0.0.1:5000/123456789012/q"}, "AWS_REGION"),
+        ({"RELAY_EVENTBRIDGE_SOURCES": "aws.partner/auth0.com/a b"}, "RELAY_EVENTBRIDGE_SOURCES"),
+        ({"RELAY_SQS_VISIBILITY_SECONDS": "1"}, "RELAY_SQS_VISIBILITY_SECONDS"),
+        ({"RELAY_SQS_POLLERS": "0"}, "RELAY_SQS_POLLERS"),
+    ],
+)
+def test_bad_eventbridge_settings_name_the_variable(environ, variable):
+    assert config_error(environ).startswith(f"{variable}:")
