@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -56,6 +57,8 @@ class Aws:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[Aws]:
+    # werkzeug logs every request moto serves at INFO; a failing test's own output matters more.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
