@@ -100,8 +100,10 @@ def test_shuffled_duplicated_histories_converge_like_the_webhook_route_then_sigt
     database: Database, aws: Aws
 ) -> None:
     """The same history, shuffled and duplicated, once through the bus and the queue and once through
-    /events/webhook: both copies equal the reference model's (the oracle of every convergence test), and
-    each other. SIGTERM during the long poll then ends the relay at once, with status 0."""
+    /events/webhook: both copies equal the reference model's (the oracle of every convergence test). The
+    two copies are not compared with each other: each history's event ids are drawn anew, and ids break
+    ties between equal times, so two users can rightly end differently. SIGTERM during the long poll then
+    ends the relay at once, with status 0."""
     chooser = random.Random(secrets.randbits(32))
     history = conflicting_history(chooser, users=4, events=120)
     via_queue, via_webhook = secrets.token_hex(4), secrets.token_hex(4)
@@ -126,16 +128,6 @@ def test_shuffled_duplicated_histories_converge_like_the_webhook_route_then_sigt
 
     assert_copy_matches(database, queued_events, via_queue)
     assert_copy_matches(database, posted_events, via_webhook)
-    copies = {
-        prefix: {
-            user_id.removeprefix(f"auth0|{prefix}-"): (deleted_at is not None, email)
-            for user_id, deleted_at, email in database.query(
-                "SELECT user_id, deleted_at, email FROM users WHERE user_id LIKE %s", [f"auth0|{prefix}-%"]
-            )
-        }
-        for prefix in (via_queue, via_webhook)
-    }
-    assert copies[via_queue] == copies[via_webhook]
     assert queue.dead_lettered() == []
 
 
