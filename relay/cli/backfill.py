@@ -30,7 +30,7 @@ def backfill(
     status = StatusLine()
     api = None
     if file is None:
-        api = Management(credentials_from_env(environ), on_rate_limit=rate_limit_notice(sys.stdout))
+        api = Management(credentials_from_env(environ), on_rate_limit=rate_limit_notice(sys.stdout, status))
     loaded = export.LoadedSoFar()
     try:
         conninfo = migrated_database(settings)

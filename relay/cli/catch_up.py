@@ -25,8 +25,10 @@ def catch_up(
     idle_seconds: float = events_api.DEFAULT_IDLE_SECONDS,
 ) -> int:
     """Returns the exit status."""
-    api = Management(credentials_from_env(environ), on_rate_limit=rate_limit_notice(sys.stdout))
     status = StatusLine()
+    # Auth0's rate-limit waits, from the Management API client and from the Events API reader alike, are
+    # notices on stdout, as in every command.
+    api = Management(credentials_from_env(environ), on_rate_limit=rate_limit_notice(sys.stdout, status))
     report = events_api.CatchUpReport()
 
     async def run(conninfo: str) -> None:
@@ -39,7 +41,7 @@ def catch_up(
                 until_idle=until_idle,
                 idle_seconds=idle_seconds,
                 progress=status.show,
-                on_rate_limit=rate_limit_notice(sys.stderr),
+                on_rate_limit=rate_limit_notice(sys.stdout, status),
                 report=report,
             )
 

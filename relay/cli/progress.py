@@ -43,10 +43,13 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def rate_limit_notice(stream: TextIO) -> Callable[[str, float], None]:
-    """Tells the operator on `stream` of each wait after Auth0 answered 429."""
+def rate_limit_notice(stream: TextIO, status: StatusLine | None = None) -> Callable[[str, float], None]:
+    """Tells the operator on `stream` of each wait after Auth0 answered 429. A `status` line rewritten on the
+    same terminal is ended first, so that the notice gets a line of its own instead of the end of it."""
 
     def notice(what: str, seconds: float) -> None:
+        if status is not None:
+            status.end()
         print(
             f"  rate limited by Auth0 while trying to {what}; retrying in {seconds:g} s",
             file=stream,
