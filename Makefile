@@ -49,7 +49,7 @@ $(UV):
 	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(SYNCED): $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python-preference only-system
+	$(UV) sync --frozen --extra embedded --python-preference only-system
 	@touch $@
 
 $(NODE_TOOLS): action/package.json action/package-lock.json

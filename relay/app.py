@@ -34,7 +34,7 @@ from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 from litestar.types import Receive, Scope, Send
 
-from relay import eventbridge
+from relay import __version__, eventbridge
 from relay.batching import Saturated
 from relay.events import Item, decode_body
 from relay.migrations import latest_version
@@ -282,7 +282,7 @@ async def readyz(state: State) -> Response[Any]:
         return _unready("database not migrated: run `relay migrate`")
     except StoreError as error:
         return _unready(f"database unavailable: {error}")
-    return Response({"status": "ready", "migration": found}, status_code=200)
+    return Response({"status": "ready", "migration": found, "version": __version__}, status_code=200)
 
 
 async def _finished(consuming: asyncio.Task[None]) -> None:

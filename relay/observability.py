@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -22,6 +23,15 @@ from typing import Any, Protocol
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
+from relay import __version__
+
+BUILD_INFO = Gauge(
+    "relay_build_info",
+    "Always 1; the labels say which relay version, on which Python, this process runs.",
+    ["version", "python"],
+    multiprocess_mode="max",  # one series for all worker processes, not one per process
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 REQUESTS = Counter(
     "relay_http_requests_total",
     "Answers on the event routes, by path and status code.",

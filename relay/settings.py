@@ -2,6 +2,9 @@
 
 Every problem is reported as one `ConfigError` line that names the variable and what was expected, so
 `relay serve` can refuse to start with a message an operator can act on instead of a traceback.
+
+Every variable that holds a secret may instead name a file holding it, as `NAME_FILE` (Docker and Kubernetes
+mount secrets as files, and a file keeps the secret out of the process list and the container's spec).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import binascii
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,8 +42,50 @@ _QUEUE_URL = re.compile(r"https?://[^/\s]+/[0-9]+/[A-Za-z0-9_-]{1,80}(\.fifo)?")
 _REGION_IN_QUEUE_HOST = re.compile(r"sqs\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?")
 
 
+# The variables holding a secret: the relay's own, and those of the Auth0 commands.
+SECRET_VARIABLES = (
+    "DATABASE_URL",
+    "RELAY_SIGNING_SECRETS",
+    "RELAY_WEBHOOK_TOKENS",
+    "RELAY_WEBHOOK_BASIC",
+    "RELAY_WEBHOOK_HEADER",
+    "AUTH0_CLIENT_SECRET",
+    "RELAY_SIGNING_SECRET",
+    "RELAY_SIGNING_SECRET_PREVIOUS",
+)
+SECRET_FILE_SUFFIX = "_FILE"  # noqa: S105  (a suffix of variable names)
+
+
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed; the message names it."""
+
+
+def secrets_from_files(environ: Mapping[str, str]) -> dict[str, str]:
+    """{NAME: the file's content, surrounding white space removed} for each secret variable given as
+    `NAME_FILE`. Both set is an error: which one was meant cannot be guessed."""
+    found = {}
+    for name in SECRET_VARIABLES:
+        file_variable = name + SECRET_FILE_SUFFIX
+        path = environ.get(file_variable, "").strip()
+        if not path:
+            continue
+        if environ.get(name, "").strip():
+            raise ConfigError(f"{name} and {file_variable} are both set: keep one of them")
+        try:
+            found[name] = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"{file_variable}: cannot read {path!r}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_variable}: {path!r} is not UTF-8 text") from None
+    return found
+
+
+def use_secret_files(environ: MutableMapping[str, str]) -> None:
+    """Moves each secret given as a file into `environ` under its own name (dropping `NAME_FILE`), so this
+    process, the worker processes it starts and the Auth0 commands all read it like any other variable."""
+    for name, value in secrets_from_files(environ).items():
+        environ[name] = value
+        del environ[name + SECRET_FILE_SUFFIX]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +149,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
+        given = os.environ if environ is None else environ
+        env = {**given, **secrets_from_files(given)}
 
         def text(name: str) -> str | None:
             value = env.get(name, "").strip()

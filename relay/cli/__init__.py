@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from relay import __version__
 from relay.observability import configure_logging
-from relay.settings import ConfigError, Settings
+from relay.settings import ConfigError, Settings, use_secret_files
 from relay.store import StoreError
 
 # `relay dead-letters replay --help`, laid out by hand (argparse would run the table together).
@@ -40,6 +41,7 @@ taken, oldest first, and one that fails or is not replayable never stops the oth
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay", description="Keeps a PostgreSQL copy of Auth0 users.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
@@ -157,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        use_secret_files(os.environ)
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if args.command == "redeliver" and args.event_id and (args.since or args.until or args.types):

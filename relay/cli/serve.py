@@ -25,6 +25,7 @@ def migrate(settings: Settings) -> int:
 def serve(settings: Settings, *, migrate_first: bool) -> int:
     from relay import app, migrations
 
+    conninfo, psql = database(settings)
     if not settings.has_credentials:
         if settings.database_url and not settings.sqs_queue_url:
             raise ConfigError(
@@ -34,7 +35,6 @@ def serve(settings: Settings, *, migrate_first: bool) -> int:
             )
         if not settings.database_url:
             settings = _with_dev_credentials(settings)
-    conninfo, psql = database(settings)
     if migrate_first:
         for migration in asyncio.run(migrations.migrate(conninfo, settings.db_schema)):
             print(f"applied migration {migration.version:04d}_{migration.name}")
