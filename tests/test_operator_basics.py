@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 
 from relay.cli import main
 from relay.settings import SECRET_VARIABLES, ConfigError, Settings
-from tests.support import REPO
+from tests.support import PROJECT_VERSION, REPO
 from tests.support.auth0 import AUTH0_ENVIRONMENT, MANAGEMENT_API, management_api, requests_made
 from tests.support.database import Database, user_row
 from tests.support.events import encode, fixture
@@ -29,7 +28,6 @@ from tests.support.http import (
     signed_headers,
 )
 
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 # The relay's own secret variables, with a valid value each (the Auth0 commands' are tested further down).
 RELAY_SECRETS = {
     "DATABASE_URL": "postgresql://relay:pass-word@db.internal:5432/relay",
@@ -57,7 +55,7 @@ def test_version_is_the_one_in_pyproject(module: str) -> None:
     finished = run_relay("--version", module=module)
 
     assert finished.returncode == 0, finished.stderr
-    assert finished.stdout == f"relay {VERSION}\n"
+    assert finished.stdout == f"relay {PROJECT_VERSION}\n"
 
 
 def test_python_dash_m_relay_is_the_console_script() -> None:
@@ -160,8 +158,8 @@ def test_a_relay_with_every_secret_in_files_serves_signed_events_from_two_worker
     ]
     assert user_row(database, created["data"]["object"]["user_id"]) is not None
     assert ready.status_code == 200
-    assert ready.json()["version"] == VERSION
-    assert metric(metrics, "relay_build_info", version=VERSION, python=python_version()) == 1
+    assert ready.json()["version"] == PROJECT_VERSION
+    assert metric(metrics, "relay_build_info", version=PROJECT_VERSION, python=python_version()) == 1
 
 
 def python_version() -> str:

@@ -10,7 +10,10 @@
 `conftest.py` holds the fixtures: the PostgreSQL servers, a schema per test, pools and pipelines.
 """
 
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).parent.parent.parent
+# What the relay must report as its version, read from where it is written.
+PROJECT_VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 FIXTURES = REPO / "tests" / "fixtures"
