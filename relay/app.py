@@ -60,6 +60,8 @@ log = logging.getLogger("relay")
 RETRY_AFTER_SECONDS = 2
 # Auth0 and the Action send a body at once; anything slower is a client holding a connection open.
 BODY_READ_SECONDS = 10
+# On SIGTERM, how long uvicorn lets requests in flight finish (their batches commit) before it closes them.
+GRACEFUL_SHUTDOWN_SECONDS = 10
 # Connections served at once, per worker; beyond it uvicorn answers 503 (Auth0 retries) instead of
 # exhausting sockets.
 MAX_CONCURRENT_CONNECTIONS = 1000
@@ -407,7 +409,7 @@ def serve(settings: Settings, conninfo: str) -> None:
         # The relay never looks at client addresses, and need not tell the world which server it runs.
         "proxy_headers": False,
         "server_header": False,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
     }
     if settings.workers > 1:
         os.environ["DATABASE_URL"] = conninfo
