@@ -25,6 +25,7 @@ from relay.app import create_app
 from relay.embedded import start_embedded
 from relay.migrations import latest_version, migrate
 from relay.pipeline import Delivery, EventResult, Pipeline
+from tests.support import PROJECT_VERSION
 from tests.support.database import (
     NOTHING_STORED,
     Database,
@@ -529,7 +530,7 @@ def test_readyz_answers_200_on_a_migrated_schema(client: httpx.Client) -> None:
     response = client.get("/readyz")
     assert (response.status_code, response.json()) == (
         200,
-        {"status": "ready", "migration": latest_version()},
+        {"status": "ready", "migration": latest_version(), "version": PROJECT_VERSION},
     )
 
 
