@@ -13,6 +13,10 @@ connections, while the next is read.
 
 A row kept as a dead letter is replayed by `merge_row`: the same check and the same chunk merge, for a chunk
 of one, so it too never overwrites anything newer and never revives a deleted user.
+
+An export also says who is *absent*: `reconcile_deletes` tombstones each user live in the copy that a complete
+export does not list and that nothing has changed since the export started, as a `user.deleted` versioned at
+the export's start would. A later `user.created` still revives the user; a late, older event cannot.
 """
 
 from __future__ import annotations
@@ -21,20 +25,30 @@ import asyncio
 import contextlib
 import gzip
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 
 from relay import store
-from relay.events import EventKind, Origin, UserEvent, UserObject, from_micros, holds_nul
+from relay.events import (
+    EventKind,
+    Origin,
+    UserEvent,
+    UserObject,
+    Version,
+    from_micros,
+    holds_nul,
+    to_micros,
+)
 from relay.handlers import Outcome, UserState, apply_event
 from relay.settings import DeleteMode
-from relay.store import KnownSnapshot, NewDeadLetter, Pool
+from relay.store import KnownSnapshot, NewDeadLetter, Pool, StoredUser
 
 # Ties between a snapshot and an event at the same instant go to the event: "backfill" sorts before "evt_".
 BACKFILL_VERSION_ID = "backfill"
@@ -72,6 +86,14 @@ EXPORT_FIELDS = (
 # Checks a row as relay.events checks an event: numbers in metadata may be any a JSON number can be.
 _user_decoder = msgspec.json.Decoder(UserObject, float_hook=Decimal)
 
+
+class _Listed(msgspec.Struct):
+    user_id: str
+
+
+# Only the user id of a row the copy cannot take: the export still lists that user.
+_listed_decoder = msgspec.json.Decoder(_Listed)
+
 # The deepest a row's arrays and objects may nest. msgspec's nesting limit is Python's recursion limit less
 # the depth of the call, so a row checked here, in a shallow call, could be too deep for the relay to decode
 # where it merges users (about 975 levels on Python 3.11, fewer as the call is deeper); inserted in SQL
@@ -101,13 +123,19 @@ class BackfillReport:
         return text
 
 
+class IncompleteExport(Exception):
+    """The export file is cut short or corrupt, or (for reconciling deletes) does not list everyone: the
+    message says where and what to do."""
+
+
 def export_lines(path: Path) -> Iterator[bytes]:
-    """The non-blank lines of an export file, stripped, gunzipped as they are read when the file is gzip."""
+    """The non-blank lines of an export file, stripped, gunzipped as they are read when the file is gzip.
+    `IncompleteExport` when the gzip stream ends early or is corrupt, after the lines read so far."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     with gzip.open(path, "rb") if gzipped else path.open("rb") as file:
         rest = b""
-        while block := file.read(_READ_BYTES):
+        while block := _read_block(file, path):
             lines = (rest + block).split(b"\n")
             rest = lines.pop()
             yield from (line.strip() for line in lines if line.strip())
@@ -115,8 +143,17 @@ def export_lines(path: Path) -> Iterator[bytes]:
             yield rest.strip()
 
 
-def check_row(line: bytes) -> str | None:
-    """Why an export line is not an Auth0 user the copy can take, or None when it is."""
+def _read_block(file: gzip.GzipFile | BinaryIO, path: Path) -> bytes:
+    try:
+        return file.read(_READ_BYTES)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise IncompleteExport(
+            f"{path.name} is cut short or corrupt ({error}); download the export again"
+        ) from None
+
+
+def check_row(line: bytes) -> UserObject | str:
+    """The export line as the Auth0 user it is, or why it is not one the copy can take."""
     if line.count(b"{") + line.count(b"[") > MAX_NESTING and nesting_depth(line) > MAX_NESTING:
         return f"not an Auth0 user the copy can keep: nested more than {MAX_NESTING} levels deep"
     try:
@@ -127,7 +164,36 @@ def check_row(line: bytes) -> str | None:
         return "an export row needs updated_at (or created_at) to be versioned"
     if b"\\u0000" in line and holds_nul(line):
         return "the row holds a \\u0000 character, which PostgreSQL cannot store in text or jsonb"
-    return None
+    return checked
+
+
+@dataclass
+class ExportListing:
+    """Who an export lists, for reconciling deletes: every row's user id, and the first row whose user id
+    could not be read, if any (then the export cannot say who is absent)."""
+
+    user_ids: set[str] = field(default_factory=set)
+    rows: int = 0
+    unreadable: str | None = None
+
+    def add(self, line: bytes, checked: UserObject | str) -> None:
+        self.rows += 1
+        if not isinstance(checked, str):
+            self.user_ids.add(checked.user_id)
+            return
+        try:
+            self.user_ids.add(_listed_decoder.decode(line).user_id)
+        except msgspec.DecodeError:
+            if self.unreadable is None:
+                self.unreadable = f"row {self.rows} names no user ({checked})"
+
+
+def list_export(lines: Iterable[bytes]) -> ExportListing:
+    """Who an export lists, reading it without loading it (for `--dry-run`)."""
+    listing = ExportListing()
+    for line in lines:
+        listing.add(line, check_row(line))
+    return listing
 
 
 def nesting_depth(document: bytes) -> int:
@@ -151,8 +217,10 @@ async def load_export(
     progress: Callable[[BackfillReport], None] = lambda _: None,
     chunk_rows: int = CHUNK_ROWS,
     chunks_in_flight: int = CHUNKS_IN_FLIGHT,
+    listing: ExportListing | None = None,
 ) -> BackfillReport:
-    """Merges every line of an export into the copy, one committed chunk at a time, several at once."""
+    """Merges every line of an export into the copy, one committed chunk at a time, several at once; notes
+    who the export lists in `listing`, when given."""
     report = BackfillReport()
     merging: set[asyncio.Task[None]] = set()
 
@@ -170,11 +238,13 @@ async def load_export(
         rejected: list[NewDeadLetter] = []
         for line in lines:
             report.rows += 1
-            problem = check_row(line)
-            if problem is None:
-                chunk.append(line)
+            checked = check_row(line)
+            if listing is not None:
+                listing.add(line, checked)
+            if isinstance(checked, str):
+                rejected.append(NewDeadLetter(DEAD_LETTER_ROUTE, line, {}, checked))
             else:
-                rejected.append(NewDeadLetter(DEAD_LETTER_ROUTE, line, {}, problem))
+                chunk.append(line)
             if len(chunk) + len(rejected) >= chunk_rows:
                 await hand_over(chunk, rejected)
                 chunk, rejected = [], []
@@ -259,10 +329,10 @@ async def merge_row(pool: Pool, line: bytes, delete_mode: DeleteMode) -> RowMerg
     """One export row, kept as a dead letter, merged again exactly as a chunk's rows are (`check_row`, then
     the chunk merge, for a chunk of one) and committed; or why it still cannot go in, when nothing is
     written at all (no second dead letter either: the caller holds the row)."""
-    problem = check_row(line)
-    if problem is not None:
-        return problem
-    user_id = _user_decoder.decode(line).user_id
+    checked = check_row(line)
+    if isinstance(checked, str):
+        return checked
+    user_id = checked.user_id
     merged = 0
 
     def merge(known: list[KnownSnapshot]) -> list[UserState]:
@@ -296,3 +366,71 @@ def _as_event(snapshot: KnownSnapshot) -> UserEvent:
         origin=Origin(),
         raw=b"",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What reconciling deletes did (or, in a dry run, would do)."""
+
+    exported_at: datetime
+    tombstoned: list[str]  # user ids, sorted
+    dry_run: bool
+
+
+async def reconcile_deletes(
+    pool: Pool,
+    listing: ExportListing,
+    exported_at: datetime,
+    delete_mode: DeleteMode,
+    *,
+    dry_run: bool = False,
+) -> Reconciled:
+    """Tombstones every user live in the copy that the export does not list and that no event or row newer
+    than `exported_at` (the export's start) has written, as a `user.deleted` at that instant would; in a dry
+    run, finds them and writes nothing. `IncompleteExport` when the export cannot say who is absent."""
+    if listing.unreadable is not None:
+        raise IncompleteExport(
+            f"not reconciling deletes: {listing.unreadable}, so the export cannot say who is absent"
+        )
+    if not listing.user_ids:
+        raise IncompleteExport(
+            "not reconciling deletes: the export lists no users, and would tombstone everyone in the copy"
+        )
+    version = (to_micros(exported_at), BACKFILL_VERSION_ID)
+
+    def tombstone(absent: dict[str, StoredUser]) -> list[UserState]:
+        states = []
+        for user_id, stored in absent.items():
+            state = stored.state(user_id)
+            if state.last_version is not None and state.last_version >= version:
+                continue  # written since the export started: the export may simply not show it yet
+            apply_event(state, _deletion(user_id, stored.profile, exported_at, version), delete_mode)
+            states.append(state)
+        return states
+
+    states = await store.tombstone_absent_users(
+        pool, sorted(listing.user_ids), version[0], tombstone, write=not dry_run
+    )
+    return Reconciled(exported_at, sorted(state.user_id for state in states), dry_run)
+
+
+def _deletion(user_id: str, profile: dict[str, Any], exported_at: datetime, version: Version) -> UserEvent:
+    """The `user.deleted` a reconcile stands in for: the user was gone by the export's start. It carries the
+    times a live deletion carries, so a scrubbing delete keeps them as it would."""
+    kept: dict[str, Any] = {name: profile[name] for name in ("created_at", "updated_at") if name in profile}
+    return UserEvent(
+        id=BACKFILL_VERSION_ID,
+        kind=EventKind.DELETED,
+        time=exported_at,
+        version=version,
+        user_id=user_id,
+        profile={"user_id": user_id, **kept, "deleted_at": _rfc3339(exported_at)},
+        is_snapshot=False,
+        deleted_at=exported_at,
+        origin=Origin(),
+        raw=b"",
+    )
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -634,6 +634,68 @@ async def merge_export_chunk(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Reconciling deletes: the users a complete export does not list
+
+# Per connection, emptied at each commit: the user ids a complete export lists.
+CREATE_EXPORT_LISTING = """
+CREATE TEMP TABLE IF NOT EXISTS export_listing (user_id text PRIMARY KEY) ON COMMIT DELETE ROWS
+"""
+
+FILL_EXPORT_LISTING = """
+INSERT INTO export_listing (user_id)
+SELECT jsonb_array_elements_text(%(listed)s::jsonb)
+    ON CONFLICT DO NOTHING
+"""
+
+# The users live in the copy that the export does not list and that nothing newer than the export's start has
+# written, locked in user_id order as every writer locks them, for the relay to tombstone. One written at the
+# export's very microsecond is returned too: the handlers' version order settles it. The anti-join reads the
+# listing through its primary key, whatever the size of either side.
+ABSENT_USERS = """
+SELECT users.user_id, users.profile, users.merge_state, users.deleted_at
+  FROM users
+ WHERE users.deleted_at IS NULL
+   AND coalesce((users.merge_state -> 'last' ->> 0)::bigint, 0) <= %(exported_us)s
+   AND NOT EXISTS (SELECT 1 FROM export_listing WHERE export_listing.user_id = users.user_id)
+ ORDER BY users.user_id
+   FOR UPDATE OF users
+"""
+
+
+async def tombstone_absent_users(
+    pool: Pool,
+    listed: Sequence[str],
+    exported_us: int,
+    tombstone: Callable[[dict[str, StoredUser]], list[UserState]],
+    *,
+    write: bool,
+) -> list[UserState]:
+    """Hands `tombstone` the live users the export does not list and nothing newer has written (locked),
+    and writes the states it returns in the same transaction; or, unless `write`, rolls back and writes
+    nothing. Returns those states."""
+
+    async def work(conn: Connection) -> list[UserState]:
+        # A dry run rolls back: not even the listing stays.
+        async with conn.transaction(force_rollback=not write), conn.cursor() as cursor:
+            await cursor.execute(CREATE_EXPORT_LISTING)
+            await cursor.execute(EXPORT_CHUNK_WORK_MEM)
+            await cursor.execute(FILL_EXPORT_LISTING, {"listed": _encode(list(listed)).decode()})
+            await cursor.execute(ABSENT_USERS, {"exported_us": exported_us})
+            absent = {
+                user_id: StoredUser(profile, merge_state, deleted_at, "")
+                for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
+            }
+            states = tombstone(absent)
+            if states:
+                await cursor.execute(
+                    UPDATE_LOCKED_USERS, {"users": _encode([_user_row(s) for s in states]).decode()}
+                )
+        return states
+
+    return await run_retrying(pool, work)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The tenant a schema holds
 
 # Pins `name` unless a tenant is pinned already; returns the pinned tenant. When another relay pins at the

@@ -7,6 +7,11 @@ when the 60-second one has expired; then load the file with `relay.backfill.load
 at a time. Without an API (`--file`), the first three steps are skipped and an export downloaded earlier is
 loaded.
 
+With `Reconciling`, the users the export does not list are then tombstoned
+(`relay.backfill.reconcile_deletes`), as of the export's start: the job's creation time, or the time given
+with a file. A job that cannot list everyone (one with a `limit`, or of one connection) is refused before
+anything is downloaded; a dry run loads nothing and writes nothing, and lists who would be tombstoned.
+
 The download URL is not the Management API: it gets no token, only a plain GET. An interrupted load leaves
 every committed chunk in place and rolls back the one in progress; running it again is safe, because an
 export row never overwrites anything newer than itself.
@@ -20,12 +25,27 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
+if TYPE_CHECKING:
+    from auth0.management import GetJobResponseContent
+
 from relay.auth0.management import Management
-from relay.backfill import EXPORT_FIELDS, BackfillReport, export_lines, load_export
+from relay.backfill import (
+    EXPORT_FIELDS,
+    BackfillReport,
+    ExportListing,
+    IncompleteExport,
+    Reconciled,
+    export_lines,
+    list_export,
+    load_export,
+    reconcile_deletes,
+)
 from relay.settings import Settings
 from relay.store import open_pool
 
@@ -54,6 +74,21 @@ class LoadedSoFar:
     report: BackfillReport | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Reconciling:
+    """`--reconcile-deletes`: when the export started (required with a file; a job's own creation time
+    otherwise), and whether only to list who would be tombstoned."""
+
+    exported_at: datetime | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillDone:
+    loaded: BackfillReport | None  # None after a dry run, which loads nothing
+    reconciled: Reconciled | None
+
+
 def backfill(
     api: Management | None,
     conninfo: str,
@@ -66,20 +101,23 @@ def backfill(
     sleep: Callable[[float], None] = time.sleep,
     progress: Progress = lambda _line: None,
     loaded: LoadedSoFar | None = None,
-) -> BackfillReport:
-    """Exports the tenant's users through `api` (or, without one, takes the export `file`) and loads them.
+    reconciling: Reconciling | None = None,
+) -> BackfillDone:
+    """Exports the tenant's users through `api` (or, without one, takes the export `file`), loads them, and
+    with `reconciling` tombstones those the export does not list.
 
-    Raises BackfillFailed, ManagementError, or the store's errors. The caller checks the schema first, so that
-    Auth0 is asked for nothing when the database could not take the users.
+    Raises BackfillFailed, IncompleteExport, ManagementError, or the store's errors. The caller checks the
+    schema first, so that Auth0 is asked for nothing when the database could not take the users.
     """
     with tempfile.TemporaryDirectory(prefix="relay-backfill-") as workdir:
         if api is None:
             if file is None or not file.is_file():
                 raise BackfillFailed(f"{file}: no such file")
             path = file
+            exported_at = reconciling.exported_at if reconciling else None
         else:
             path = Path(workdir) / "users.json.gz"
-            export_users(
+            exported_at = export_users(
                 api,
                 path,
                 job_id=job_id,
@@ -87,8 +125,18 @@ def backfill(
                 poll_interval=poll_interval,
                 sleep=sleep,
                 progress=progress,
+                complete=reconciling is not None,
             )
-        return asyncio.run(load_file(conninfo, settings, path, progress=progress, loaded=loaded))
+        if reconciling is None:
+            report = asyncio.run(load_file(conninfo, settings, path, progress=progress, loaded=loaded))
+            return BackfillDone(report, None)
+        if exported_at is None:
+            raise BackfillFailed("reconciling deletes needs the time the export started (--exported-at)")
+        return asyncio.run(
+            load_and_reconcile(
+                conninfo, settings, path, exported_at, reconciling.dry_run, progress=progress, loaded=loaded
+            )
+        )
 
 
 def export_users(
@@ -100,15 +148,43 @@ def export_users(
     poll_interval: float = DEFAULT_POLL_INTERVAL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
     progress: Progress,
-) -> None:
-    """Runs (or, given `job_id`, resumes) an export job and downloads its file to `destination`."""
+    complete: bool = False,
+) -> datetime | None:
+    """Runs (or, given `job_id`, resumes) an export job and downloads its file to `destination`; returns
+    when the job was created, if Auth0 says. With `complete`, `IncompleteExport` before the download when
+    the job does not list every user of the tenant."""
     if job_id is None:
         job_id = start_export_job(api)
         progress(f"export job {job_id}: started on {api.domain}")
-    location = wait_for_export(
+    job = wait_for_export(
         api, job_id, timeout=timeout, poll_interval=poll_interval, sleep=sleep, progress=progress
     )
-    download_export(api, job_id, location, destination, progress=progress)
+    if complete:
+        require_complete_job(job_id, job)
+    assert job.location is not None  # wait_for_export returns only a job that has one
+    download_export(api, job_id, job.location, destination, progress=progress)
+    return datetime.fromisoformat(job.created_at) if job.created_at else None
+
+
+def require_complete_job(job_id: str, job: GetJobResponseContent) -> None:
+    """`IncompleteExport` unless the export job lists every user of the tenant: one created with a `limit`,
+    or for one connection, leaves others out, who would look deleted."""
+    limit = (job.model_extra or {}).get("limit")
+    if limit is not None:
+        raise IncompleteExport(
+            f"not reconciling deletes: export job {job_id} was created with a limit of {limit} users, so it "
+            "cannot say who is absent; run relay backfill --reconcile-deletes without --job-id"
+        )
+    if job.connection_id:
+        raise IncompleteExport(
+            f"not reconciling deletes: export job {job_id} lists only connection {job.connection_id}; run "
+            "relay backfill --reconcile-deletes without --job-id"
+        )
+    if not job.created_at:
+        raise IncompleteExport(
+            f"not reconciling deletes: Auth0 did not say when export job {job_id} started; download its file "
+            "and run relay backfill --file PATH --exported-at TIME --reconcile-deletes"
+        )
 
 
 def start_export_job(api: Management) -> str:
@@ -136,8 +212,9 @@ def wait_for_export(
     poll_interval: float,
     sleep: Callable[[float], None],
     progress: Progress,
-) -> str:
-    """The job's download URL once it has completed; BackfillFailed if it fails or outlasts `timeout`.
+) -> GetJobResponseContent:
+    """The job once it has completed, with its download URL; BackfillFailed if it fails or outlasts
+    `timeout`.
 
     `poll_interval` must be positive: the budget is counted in polls, so it holds whatever `sleep` does.
     """
@@ -159,7 +236,7 @@ def wait_for_export(
             if not job.location:
                 raise BackfillFailed(f"export job {job_id} completed without a download URL; run it again")
             progress(f"export job {job_id}: completed")
-            return job.location
+            return job
         progress(f"export job {job_id}: {_job_progress(state, job.percentage_done, job.time_left_seconds)}")
     raise BackfillFailed(
         f"export job {job_id} did not complete within {timeout:g} s (status {state}); Auth0 keeps it for 24 "
@@ -246,8 +323,10 @@ async def load_file(
     *,
     progress: Progress = lambda _line: None,
     loaded: LoadedSoFar | None = None,
+    listing: ExportListing | None = None,
 ) -> BackfillReport:
-    """Loads an export file (gzip or plain NDJSON) into the copy, telling `progress` how it goes."""
+    """Loads an export file (gzip or plain NDJSON) into the copy, telling `progress` how it goes, and noting
+    who it lists in `listing`, when given."""
     started = time.monotonic()
     shown = 0.0
 
@@ -260,9 +339,38 @@ async def load_file(
             progress(f"loading {path.name}: {report.describe(time.monotonic() - started)}")
 
     async with open_pool(conninfo, settings) as pool:
-        report = await load_export(pool, export_lines(path), settings.delete_mode, progress=committed)
+        report = await load_export(
+            pool, export_lines(path), settings.delete_mode, progress=committed, listing=listing
+        )
     progress(f"loaded {path.name}: {report.describe(time.monotonic() - started)}")
     return report
+
+
+async def load_and_reconcile(
+    conninfo: str,
+    settings: Settings,
+    path: Path,
+    exported_at: datetime,
+    dry_run: bool,
+    *,
+    progress: Progress = lambda _line: None,
+    loaded: LoadedSoFar | None = None,
+) -> BackfillDone:
+    """Loads an export file (unless `dry_run`), then tombstones the users it does not list, as of
+    `exported_at` (or, in a dry run, finds them)."""
+    report = None
+    if dry_run:
+        progress(f"reading {path.name}")
+        listing = list_export(export_lines(path))
+    else:
+        listing = ExportListing()
+        report = await load_file(conninfo, settings, path, progress=progress, loaded=loaded, listing=listing)
+    progress(f"reconciling deletes: looking for users {path.name} does not list")
+    async with open_pool(conninfo, settings) as pool:
+        reconciled = await reconcile_deletes(
+            pool, listing, exported_at, settings.delete_mode, dry_run=dry_run
+        )
+    return BackfillDone(report, reconciled)
 
 
 def _job_progress(state: str, percentage: int | None, seconds_left: int | None) -> str:

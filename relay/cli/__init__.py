@@ -121,6 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     backfill.add_argument(
         "--poll-interval", type=_seconds, default=5.0, help="seconds between job status checks (default 5)"
     )
+    backfill.add_argument(
+        "--reconcile-deletes",
+        action="store_true",
+        help="then tombstone the users a complete export does not list and nothing changed since it began",
+    )
+    backfill.add_argument(
+        "--exported-at",
+        type=_moment,
+        metavar="TIME",
+        help="with --file and --reconcile-deletes: ISO 8601 time the export job was created",
+    )
+    backfill.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --reconcile-deletes: list who would be tombstoned; load and write nothing",
+    )
     catch_up = commands.add_parser(
         "catch-up", help="apply user events missed while the relay was down, from the Auth0 Events API"
     )
@@ -164,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
         if args.command == "redeliver" and args.event_id and (args.since or args.until or args.types):
             parser.error("redeliver: --event-id cannot be combined with --since, --until or --types")
+        if args.command == "backfill":
+            _check_reconcile_options(parser, args)
         return _run(args, settings)
     except ConfigError as error:
         # One line per problem: deploy-action names every missing variable at once.
@@ -219,8 +237,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         return prune(settings, args.older_than, args.batch_size)
     if command == "backfill":
+        from relay.auth0.export import Reconciling
         from relay.cli.backfill import backfill
 
+        reconciling = None
+        if args.reconcile_deletes:
+            reconciling = Reconciling(args.exported_at, args.dry_run)
         return backfill(
             os.environ,
             settings,
@@ -228,6 +250,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             job_id=args.job_id,
             timeout=args.timeout,
             poll_interval=args.poll_interval,
+            reconciling=reconciling,
         )
     if command == "catch-up":
         from relay.cli.catch_up import catch_up
@@ -263,6 +286,19 @@ def _aws_region(text: str) -> str:
             f"expected an AWS region Auth0 can send events to, such as us-east-1, got {text!r}"
         )
     return text
+
+
+def _check_reconcile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.reconcile_deletes:
+        if args.exported_at or args.dry_run:
+            parser.error("backfill: --exported-at and --dry-run go with --reconcile-deletes")
+    elif args.file is not None and args.exported_at is None:
+        parser.error(
+            "backfill: --reconcile-deletes with --file needs --exported-at TIME, when the export job was "
+            "created: a user changed after it must not look deleted"
+        )
+    elif args.file is None and args.exported_at is not None:
+        parser.error("backfill: --exported-at goes with --file; an export job's own creation time is used")
 
 
 def _positive(text: str) -> int:

@@ -1,5 +1,6 @@
-"""`relay backfill`: progress on stderr as a status line, the counts on stdout once the load is done, and on
-Ctrl-C what was committed and that running it again is safe."""
+"""`relay backfill`: progress on stderr as a status line, the counts on stdout once the load is done (and,
+reconciling deletes, how many users were tombstoned, or in a dry run who would be), and on Ctrl-C what was
+committed and that running it again is safe."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 from relay.auth0 import export
 from relay.auth0.management import Management, ManagementError, credentials_from_env
-from relay.backfill import BackfillReport
+from relay.backfill import BackfillReport, IncompleteExport, Reconciled
 from relay.cli.database import migrated_database
 from relay.cli.progress import StatusLine, rate_limit_notice
+from relay.operations import iso_utc
 from relay.settings import Settings
 from relay.store import NotMigrated
 
@@ -24,6 +26,7 @@ def backfill(
     job_id: str | None = None,
     timeout: float = export.DEFAULT_TIMEOUT_SECONDS,
     poll_interval: float = export.DEFAULT_POLL_INTERVAL_SECONDS,
+    reconciling: export.Reconciling | None = None,
 ) -> int:
     """Returns the exit status. The Auth0 credentials are checked before the database is looked at (which may
     start the embedded server), and the schema before anything is asked of Auth0."""
@@ -34,7 +37,7 @@ def backfill(
     loaded = export.LoadedSoFar()
     try:
         conninfo = migrated_database(settings)
-        report = export.backfill(
+        done = export.backfill(
             api,
             conninfo,
             settings,
@@ -44,12 +47,13 @@ def backfill(
             poll_interval=poll_interval,
             progress=status.show,
             loaded=loaded,
+            reconciling=reconciling,
         )
     except KeyboardInterrupt:
         status.end()
         _interrupted(loaded.report)
         return 130
-    except (export.BackfillFailed, NotMigrated, ManagementError) as error:
+    except (export.BackfillFailed, IncompleteExport, NotMigrated, ManagementError) as error:
         status.end()
         print(f"relay backfill: {error}", file=sys.stderr, flush=True)
         return 1
@@ -57,8 +61,26 @@ def backfill(
         status.end()
         raise
     status.end()
-    print(f"backfill done: {report.describe()}", flush=True)
+    if done.loaded is not None:
+        print(f"backfill done: {done.loaded.describe()}", flush=True)
+    if done.reconciled is not None:
+        _say_reconciled(done.reconciled)
     return 0
+
+
+def _say_reconciled(reconciled: Reconciled) -> None:
+    started = iso_utc(reconciled.exported_at)
+    count = len(reconciled.tombstoned)
+    if reconciled.dry_run:
+        for user_id in reconciled.tombstoned:
+            print(user_id)
+        print(
+            f"dry run: would tombstone {count} users absent from the export started at {started}; "
+            "nothing written",
+            flush=True,
+        )
+    else:
+        print(f"reconciled deletes: tombstoned {count} users absent from the export started at {started}")
 
 
 def _interrupted(report: BackfillReport | None) -> None:
