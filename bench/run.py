@@ -9,6 +9,8 @@ median ratio over the rounds. The servers:
                                RELAY_WORKERS = the CPU count), on /events/webhook with a bearer token
   relay, one tx per event      the same with RELAY_BATCH_MAX_EVENTS=1 and RELAY_BATCH_FLUSHERS=10: every
                                event its own transaction, ten at a time per worker (as the guide's pool)
+  relay, history on            the same as relay with RELAY_HISTORY=on: every event's object also kept in
+                               user_events, in the batch's one statement
   guide-style handler          bench/guide: Express + node-postgres, one guarded upsert per event, no ledger
   bare Litestar (N processes)  bench/bare_litestar.py: bearer check and msgspec decode, no database, under
                                uvicorn with as many worker processes as the relay
@@ -60,10 +62,12 @@ WORKERS = os.cpu_count() or 1
 
 RELAY = "relay"
 ONE_TX = "relay, one tx per event"
+HISTORY = "relay, history on"
 GUIDE = "guide-style handler"
 BARE_N = f"bare Litestar ({WORKERS} processes)"
 BARE_1 = "bare Litestar (1 process)"
-SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX)
+SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX, HISTORY)
+RELAYS = (RELAY, ONE_TX, HISTORY)
 SQS = "relay SQS consumer (moto)"
 
 
@@ -155,7 +159,7 @@ def run_server(
     sample_memory: bool = False,
 ) -> Run:
     schema = f"bench_{round_number}_{SERVERS.index(server)}"
-    fresh_schema(conninfo, schema, relay=server in (RELAY, ONE_TX))
+    fresh_schema(conninfo, schema, relay=server in RELAYS)
     port = free_port()
     command, env = server_command(server, conninfo, schema, port)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
@@ -167,7 +171,7 @@ def run_server(
             sampler = MemorySampler(process.pid) if sample_memory else None
             if sampler:
                 sampler.start()
-            acked_prefix = Path(scratch) / "load" if server in (RELAY, ONE_TX) else None
+            acked_prefix = Path(scratch) / "load" if server in RELAYS else None
             summary = load(port, seconds, args, f"r{round_number}s{SERVERS.index(server)}", acked_prefix)
             if sampler:
                 sampler.stop()
@@ -195,7 +199,7 @@ def run_server(
 
 def server_command(server: str, conninfo: str, schema: str, port: int) -> tuple[list[str], dict[str, str]]:
     base = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
-    if server in (RELAY, ONE_TX):
+    if server in RELAYS:
         env = {
             **base,
             "DATABASE_URL": conninfo,
@@ -206,6 +210,8 @@ def server_command(server: str, conninfo: str, schema: str, port: int) -> tuple[
         if server == ONE_TX:
             env["RELAY_BATCH_MAX_EVENTS"] = "1"
             env["RELAY_BATCH_FLUSHERS"] = "10"
+        if server == HISTORY:
+            env["RELAY_HISTORY"] = "on"
         return [sys.executable, "-m", "relay.cli", "serve", "--migrate"], env
     if server == GUIDE:
         env = {
@@ -561,6 +567,7 @@ def report(
         (f"relay / {BARE_N}", *median_ratio(RELAY, BARE_N), ">= 0.8"),
         (f"relay / {BARE_1}", *median_ratio(RELAY, BARE_1), ""),
         (f"relay / {ONE_TX}", *median_ratio(RELAY, ONE_TX), ""),
+        (f"{HISTORY} / relay", *median_ratio(HISTORY, RELAY), ""),
     ]
     if sqs_rates:
         ratios = [rate / by_round[number][RELAY].events_per_second for number, rate in sqs_rates.items()]

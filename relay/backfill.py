@@ -48,7 +48,7 @@ from relay.events import (
 )
 from relay.handlers import Outcome, UserState, apply_event
 from relay.settings import DeleteMode
-from relay.store import KnownSnapshot, NewDeadLetter, Pool, StoredUser
+from relay.store import HistoryRow, KnownSnapshot, NewDeadLetter, Pool, StoredUser
 
 # Ties between a snapshot and an event at the same instant go to the event: "backfill" sorts before "evt_".
 BACKFILL_VERSION_ID = "backfill"
@@ -218,6 +218,7 @@ async def load_export(
     chunk_rows: int = CHUNK_ROWS,
     chunks_in_flight: int = CHUNKS_IN_FLIGHT,
     listing: ExportListing | None = None,
+    keep_history: bool = False,
 ) -> BackfillReport:
     """Merges every line of an export into the copy, one committed chunk at a time, several at once; notes
     who the export lists in `listing`, when given."""
@@ -231,7 +232,9 @@ async def load_export(
             for task in done:
                 task.result()  # a failed chunk stops the load
             progress(report)
-        merging.add(asyncio.create_task(_merge_chunk(pool, chunk, rejected, delete_mode, report)))
+        merging.add(
+            asyncio.create_task(_merge_chunk(pool, chunk, rejected, delete_mode, report, keep_history))
+        )
 
     try:
         chunk: list[bytes] = []
@@ -269,6 +272,7 @@ async def _merge_chunk(
     rejected: list[NewDeadLetter],
     delete_mode: DeleteMode,
     report: BackfillReport,
+    keep_history: bool,
 ) -> None:
     """Merges one chunk; a line PostgreSQL refuses is found by halves and kept as a dead letter."""
     unwritten = list(rejected)  # the chunk's rejected lines go with whichever part commits first
@@ -282,7 +286,9 @@ async def _merge_chunk(
 
     async def commit(part: Sequence[bytes], refused: Sequence[NewDeadLetter] = ()) -> None:
         letters = [*unwritten, *refused]
-        counts = await store.merge_export_chunk(pool, part, letters, BACKFILL_VERSION_ID, merge)
+        counts = await store.merge_export_chunk(
+            pool, part, letters, BACKFILL_VERSION_ID, merge, keep_history=keep_history
+        )
         report.inserted += counts.inserted
         report.stale += counts.stale + stale
         report.merged += merged
@@ -325,7 +331,9 @@ class RowMerged:
     outcome: Literal["inserted", "merged", "stale"]
 
 
-async def merge_row(pool: Pool, line: bytes, delete_mode: DeleteMode) -> RowMerged | str:
+async def merge_row(
+    pool: Pool, line: bytes, delete_mode: DeleteMode, *, keep_history: bool = False
+) -> RowMerged | str:
     """One export row, kept as a dead letter, merged again exactly as a chunk's rows are (`check_row`, then
     the chunk merge, for a chunk of one) and committed; or why it still cannot go in, when nothing is
     written at all (no second dead letter either: the caller holds the row)."""
@@ -341,7 +349,9 @@ async def merge_row(pool: Pool, line: bytes, delete_mode: DeleteMode) -> RowMerg
         return states
 
     async def commit(rows: Sequence[bytes]) -> RowMerged | str:
-        counts = await store.merge_export_chunk(pool, rows, [], BACKFILL_VERSION_ID, merge)
+        counts = await store.merge_export_chunk(
+            pool, rows, [], BACKFILL_VERSION_ID, merge, keep_history=keep_history
+        )
         if counts.inserted:
             return RowMerged(user_id, "inserted")
         return RowMerged(user_id, "merged" if merged else "stale")
@@ -384,6 +394,7 @@ async def reconcile_deletes(
     delete_mode: DeleteMode,
     *,
     dry_run: bool = False,
+    keep_history: bool = False,
 ) -> Reconciled:
     """Tombstones every user live in the copy that the export does not list and that no event or row newer
     than `exported_at` (the export's start) has written, as a `user.deleted` at that instant would; in a dry
@@ -398,15 +409,18 @@ async def reconcile_deletes(
         )
     version = (to_micros(exported_at), BACKFILL_VERSION_ID)
 
-    def tombstone(absent: dict[str, StoredUser]) -> list[UserState]:
-        states = []
+    def tombstone(absent: dict[str, StoredUser]) -> tuple[list[UserState], list[HistoryRow]]:
+        states, history = [], []
         for user_id, stored in absent.items():
             state = stored.state(user_id)
             if state.last_version is not None and state.last_version >= version:
                 continue  # written since the export started: the export may simply not show it yet
-            apply_event(state, _deletion(user_id, stored.profile, exported_at, version), delete_mode)
+            deletion = _deletion(user_id, stored.profile, exported_at, version)
+            apply_event(state, deletion, delete_mode)
             states.append(state)
-        return states
+            if keep_history:
+                history.append(HistoryRow.of(deletion))
+        return states, history
 
     states = await store.tombstone_absent_users(
         pool, sorted(listing.user_ids), version[0], tombstone, write=not dry_run

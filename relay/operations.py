@@ -142,7 +142,7 @@ async def _replay_events(pipeline: Pipeline, letter: DeadLetter, items: list[Ite
 
 
 async def _replay_export_row(pool: Pool, settings: Settings, letter: DeadLetter) -> Replayed:
-    merged = await backfill.merge_row(pool, letter.body, settings.delete_mode)
+    merged = await backfill.merge_row(pool, letter.body, settings.delete_mode, keep_history=settings.history)
     if isinstance(merged, str):
         if merged != letter.error:
             await _record_replay_failure(pool, letter.id, merged)
@@ -204,16 +204,18 @@ class Pruned:
     cutoff: datetime
     processed_events: int
     dead_letters: int
+    user_events: int
 
 
 async def prune(pool: Pool, older_than: timedelta, batch_size: int) -> Pruned:
-    """Deletes ledger rows received, and dead letters resolved, more than `older_than` ago, in batches.
-    Users, tombstones included, are never touched."""
+    """Deletes ledger rows received, dead letters resolved, and history rows of events, more than
+    `older_than` ago, in batches. Users, tombstones included, are never touched."""
     async with store.connection(pool) as conn:
         cutoff = await store.prune_cutoff(conn, older_than)
         processed_events = await _in_batches(store.prune_processed_events, conn, cutoff, batch_size)
         dead_letters = await _in_batches(store.prune_resolved_dead_letters, conn, cutoff, batch_size)
-    return Pruned(cutoff, processed_events, dead_letters)
+        user_events = await _in_batches(store.prune_user_events, conn, cutoff, batch_size)
+    return Pruned(cutoff, processed_events, dead_letters, user_events)
 
 
 async def _in_batches(

@@ -30,7 +30,7 @@ from relay.handlers import Outcome, UserState, apply_event
 from relay.observability import BATCH_SIZE, COMMIT_SECONDS, count_events, observe_lag
 from relay.settings import DeleteMode, Settings
 from relay.signing import DIAGNOSTIC_HEADERS
-from relay.store import BatchWrites, LedgerRow, NewDeadLetter, ReplayFailure, StoredUser
+from relay.store import BatchWrites, HistoryRow, LedgerRow, NewDeadLetter, ReplayFailure, StoredUser
 
 log = logging.getLogger("relay.pipeline")
 
@@ -107,6 +107,9 @@ def check_origins(
 
 Entry = tuple[Delivery, Item]  # an item, with the delivery it came in
 
+# The outcomes of events the handlers merged: what history keeps, whatever the order they came in.
+_MERGED = frozenset({Outcome.APPLIED, Outcome.TOMBSTONED, Outcome.STALE})
+
 
 @dataclass(slots=True)
 class _Decided:
@@ -124,11 +127,13 @@ def decide(
     processed: Collection[str],
     stored: Mapping[str, StoredUser],
     delete_mode: DeleteMode,
+    keep_history: bool = False,
 ) -> _Decided:
     """Every entry's outcome, and the writes that carry them out; pure.
 
     `processed` are the event ids the ledger already holds; `stored` the batch's known users as they are.
     Entries are considered in version order, so outcomes read as they would had the events come one by one.
+    With `keep_history`, every user event merged (applied, tombstoned or stale) is kept in `user_events`.
     """
     decided = _Decided([Outcome.DUPLICATE] * len(entries))
     first_copy: dict[str, int] = {}  # event id -> the entry that stands for it in this batch
@@ -159,6 +164,10 @@ def decide(
             decided.writes.new_users.append(state)
         else:
             decided.writes.changed_users.append((state, known.row_version))
+        if keep_history:
+            decided.writes.history.extend(
+                HistoryRow.of(event) for index, event in events if decided.outcomes[index] in _MERGED
+            )
     for index, first in copies:
         # A copy shares its first copy's fate: a duplicate of what is recorded, else set aside alike.
         if decided.outcomes[first] is Outcome.DEAD_LETTERED:
@@ -250,6 +259,7 @@ class Pipeline:
         self._tenant: str | None = None  # the tenant the schema holds, once known
         self._pinning = asyncio.Lock()
         self._delete_mode = settings.delete_mode
+        self._keep_history = settings.history
         self.allowed_tenants = settings.allowed_tenants
         self.allowed_streams = settings.allowed_streams
         self._committer: GroupCommitter[Delivery, list[EventResult]] = GroupCommitter(
@@ -329,7 +339,7 @@ class Pipeline:
 
         def decide_from(processed: frozenset[str], stored: dict[str, StoredUser]) -> BatchWrites:
             nonlocal decided
-            decided = decide(entries, processed, stored, self._delete_mode)
+            decided = decide(entries, processed, stored, self._delete_mode, self._keep_history)
             return decided.writes
 
         event_ids = [item.id for _, item in entries if not isinstance(item, Undecodable)]

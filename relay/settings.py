@@ -110,6 +110,8 @@ class Settings:
     """Largest request body accepted; larger ones get 413 before they are read whole."""
     delete_mode: DeleteMode = "soft"
     """`soft` keeps a deleted user's profile beside the tombstone; `scrub` clears its personal fields."""
+    history: bool = False
+    """Keep every merged event's object, and every export row, in `user_events` (`RELAY_HISTORY=on`)."""
     pool_size: int = 10
     """Most PostgreSQL connections this process holds."""
     db_timeout_seconds: float = 2.0
@@ -171,6 +173,9 @@ class Settings:
         delete_mode = text("RELAY_DELETE_MODE") or "soft"
         if delete_mode not in ("soft", "scrub"):
             raise ConfigError(f"RELAY_DELETE_MODE: expected 'soft' or 'scrub', got {delete_mode!r}")
+        history = (text("RELAY_HISTORY") or "off").lower()
+        if history not in ("on", "off"):
+            raise ConfigError(f"RELAY_HISTORY: expected 'on' or 'off', got {history!r}")
         log_level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"RELAY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -196,6 +201,7 @@ class Settings:
             port=_integer(env, "RELAY_PORT", 8000, 1, 65535),
             max_body_bytes=_integer(env, "RELAY_MAX_BODY_BYTES", 256 * 1024, 1024, 64 * 1024 * 1024),
             delete_mode=delete_mode,  # type: ignore[arg-type]  # checked just above
+            history=history == "on",
             pool_size=_integer(env, "RELAY_DB_POOL_SIZE", 10, 1, 1000),
             db_timeout_seconds=_number(env, "RELAY_DB_TIMEOUT_SECONDS", 2.0, 0.1, 30.0),
             batch_max_events=_integer(env, "RELAY_BATCH_MAX_EVENTS", 500, 1, 10_000),

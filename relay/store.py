@@ -29,7 +29,7 @@ from psycopg import AsyncConnection, errors
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from relay.events import from_micros
+from relay.events import EventKind, UserEvent, from_micros
 from relay.handlers import UserState
 from relay.settings import Settings
 
@@ -333,6 +333,14 @@ WITH locked AS (
       FROM jsonb_to_recordset(%(dead_letters)s::jsonb)
            AS letter(route text, body text, headers jsonb, error text)
     RETURNING id
+), history AS (
+    -- Empty unless RELAY_HISTORY=on. Insert-only; an event a concurrent batch kept already is kept once.
+    INSERT INTO user_events (user_id, event_time, event_id, event_type, replaces, object)
+    SELECT user_id, event_time, event_id, event_type, replaces, object
+      FROM jsonb_to_recordset(%(history)s::jsonb)
+           AS kept(user_id text, event_time timestamptz, event_id text, event_type text, replaces boolean,
+                   object jsonb)
+    ON CONFLICT DO NOTHING
 ), replays_failing AS (
     -- A replayed dead letter that fails again says so on itself, rather than keeping the body twice.
     UPDATE dead_letters
@@ -396,6 +404,23 @@ class ReplayFailure(msgspec.Struct, frozen=True):
     error: str
 
 
+class HistoryRow(msgspec.Struct, frozen=True):
+    """One merged event's object (or export row) as `user_events` keeps it, with RELAY_HISTORY=on."""
+
+    user_id: str
+    event_time: datetime
+    event_id: str
+    event_type: str
+    replaces: bool
+    object: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: UserEvent) -> HistoryRow:
+        # As the handlers merge it: a snapshot replaces the profile, a deletion and a partial object merge.
+        replaces = event.is_snapshot and event.kind is not EventKind.DELETED
+        return cls(event.user_id, event.time, event.id, event.kind.value, replaces, event.profile)
+
+
 @dataclass(slots=True)
 class BatchWrites:
     """Everything one batch writes, decided by the caller from what `commit_batch` found."""
@@ -406,6 +431,7 @@ class BatchWrites:
     dead_letters: list[NewDeadLetter] = field(default_factory=list)
     replay_failures: list[ReplayFailure] = field(default_factory=list)
     resolved_letters: list[int] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +498,7 @@ def _write_parameters(writes: BatchWrites) -> dict[str, Any]:
         "dead_letters": _encode(writes.dead_letters).decode(),
         "replay_failures": _encode(writes.replay_failures).decode(),
         "resolved_letters": _encode(writes.resolved_letters).decode(),
+        "history": _encode(writes.history).decode(),
     }
 
 
@@ -552,6 +579,25 @@ SELECT 'known', known.user_id, staged.version_us, staged.line,
  WHERE NOT coalesce(staged.version_us < (known.merge_state -> 'snapshot' ->> 0)::bigint, false)
 """
 
+# With RELAY_HISTORY=on, a chunk's rows as snapshots versioned like the merge versions them; a row loaded
+# again is kept once.
+RECORD_EXPORT_HISTORY = """
+INSERT INTO user_events (user_id, event_time, event_id, event_type, replaces, object)
+SELECT line ->> 'user_id', relay_timestamptz(coalesce(line ->> 'updated_at', line ->> 'created_at')),
+       %(version_id)s, %(version_id)s, true, line
+  FROM export_lines
+    ON CONFLICT DO NOTHING
+"""
+
+RECORD_HISTORY = """
+INSERT INTO user_events (user_id, event_time, event_id, event_type, replaces, object)
+SELECT user_id, event_time, event_id, event_type, replaces, object
+  FROM jsonb_to_recordset(%(history)s::jsonb)
+       AS kept(user_id text, event_time timestamptz, event_id text, event_type text, replaces boolean,
+               object jsonb)
+    ON CONFLICT DO NOTHING
+"""
+
 # The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES.
 UPDATE_LOCKED_USERS = """
 UPDATE users
@@ -597,10 +643,12 @@ async def merge_export_chunk(
     rejected: Sequence[NewDeadLetter],
     version_id: str,
     merge: Callable[[list[KnownSnapshot]], list[UserState]],
+    *,
+    keep_history: bool = False,
 ) -> ExportChunkCounts:
     """One committed transaction for a chunk of export lines (already checked to be Auth0 users): COPY them in
-    raw, insert the new users in SQL, hand the known ones to `merge` and write what it returns, and keep the
-    `rejected` lines as dead letters."""
+    raw, insert the new users in SQL, hand the known ones to `merge` and write what it returns, keep the
+    `rejected` lines as dead letters, and with `keep_history` every line in `user_events`."""
 
     async def work(conn: Connection) -> ExportChunkCounts:
         async with conn.transaction(), conn.cursor() as cursor:
@@ -611,6 +659,8 @@ async def merge_export_chunk(
                     await copy.write(b"\n".join(lines))
             inserted = stale = 0
             known: list[KnownSnapshot] = []
+            if lines and keep_history:
+                await cursor.execute(RECORD_EXPORT_HISTORY, {"version_id": version_id})
             if lines:
                 await cursor.execute(MERGE_EXPORT_LINES, {"version_id": version_id})
                 for kind, user_id, number, row, profile, merge_state, deleted_at in await cursor.fetchall():
@@ -666,13 +716,13 @@ async def tombstone_absent_users(
     pool: Pool,
     listed: Sequence[str],
     exported_us: int,
-    tombstone: Callable[[dict[str, StoredUser]], list[UserState]],
+    tombstone: Callable[[dict[str, StoredUser]], tuple[list[UserState], list[HistoryRow]]],
     *,
     write: bool,
 ) -> list[UserState]:
     """Hands `tombstone` the live users the export does not list and nothing newer has written (locked),
-    and writes the states it returns in the same transaction; or, unless `write`, rolls back and writes
-    nothing. Returns those states."""
+    and writes the states (and history rows) it returns in the same transaction; or, unless `write`, rolls
+    back and writes nothing. Returns those states."""
 
     async def work(conn: Connection) -> list[UserState]:
         # A dry run rolls back: not even the listing stays.
@@ -685,11 +735,13 @@ async def tombstone_absent_users(
                 user_id: StoredUser(profile, merge_state, deleted_at, "")
                 for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
             }
-            states = tombstone(absent)
+            states, history = tombstone(absent)
             if states:
                 await cursor.execute(
                     UPDATE_LOCKED_USERS, {"users": _encode([_user_row(s) for s in states]).decode()}
                 )
+            if history:
+                await cursor.execute(RECORD_HISTORY, {"history": _encode(history).decode()})
         return states
 
     return await run_retrying(pool, work)
@@ -880,6 +932,16 @@ DELETE FROM dead_letters
 """
 
 
+# History older than the cutoff, by the time of the event (or export row), not of its arrival: what a
+# retention policy for personal data asks. The profiles user_history folds for later rows no longer see the
+# fields only pruned rows carried.
+PRUNE_USER_EVENTS = """
+DELETE FROM user_events
+ WHERE (user_id, event_time, event_id) IN (SELECT user_id, event_time, event_id FROM user_events
+                                            WHERE event_time < %(cutoff)s LIMIT %(limit)s)
+"""
+
+
 def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     letter_id, route, body, headers, error, received_at, resolved_at = row
     return DeadLetter(int(letter_id), route, bytes(body), dict(headers), error, received_at, resolved_at)
@@ -934,6 +996,13 @@ async def prune_processed_events(conn: Connection, cutoff: datetime, limit: int)
     """Deletes up to `limit` ledger rows received before `cutoff`; returns how many."""
     async with conn.transaction(), conn.cursor() as cursor:
         await cursor.execute(PRUNE_PROCESSED_EVENTS, {"cutoff": cutoff, "limit": limit})
+        return cursor.rowcount
+
+
+async def prune_user_events(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Deletes up to `limit` history rows of events before `cutoff`; returns how many."""
+    async with conn.transaction(), conn.cursor() as cursor:
+        await cursor.execute(PRUNE_USER_EVENTS, {"cutoff": cutoff, "limit": limit})
         return cursor.rowcount
 
 

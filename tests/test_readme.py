@@ -68,7 +68,15 @@ def directory(database: Database) -> Database:
         "SELECT profile ->> 'user_id', profile FROM jsonb_array_elements(%s::jsonb) AS profile",
         [json.dumps(profiles_the_examples_should_find())],
     )
+    # Jane's history, as the relay keeps it with RELAY_HISTORY=on: her user.created.
+    database.query(
+        "INSERT INTO user_events (user_id, event_time, event_id, event_type, replaces, object)"
+        " SELECT profile ->> 'user_id', (profile ->> 'created_at')::timestamptz, 'evt_1', 'user.created',"
+        " true, profile FROM jsonb_array_elements(%s::jsonb) AS profile",
+        [json.dumps(profiles_the_examples_should_find()[:1])],
+    )
     database.query("ANALYZE users")
+    database.query("ANALYZE user_events")
     return database
 
 

@@ -340,7 +340,12 @@ async def load_file(
 
     async with open_pool(conninfo, settings) as pool:
         report = await load_export(
-            pool, export_lines(path), settings.delete_mode, progress=committed, listing=listing
+            pool,
+            export_lines(path),
+            settings.delete_mode,
+            progress=committed,
+            listing=listing,
+            keep_history=settings.history,
         )
     progress(f"loaded {path.name}: {report.describe(time.monotonic() - started)}")
     return report
@@ -368,7 +373,7 @@ async def load_and_reconcile(
     progress(f"reconciling deletes: looking for users {path.name} does not list")
     async with open_pool(conninfo, settings) as pool:
         reconciled = await reconcile_deletes(
-            pool, listing, exported_at, settings.delete_mode, dry_run=dry_run
+            pool, listing, exported_at, settings.delete_mode, dry_run=dry_run, keep_history=settings.history
         )
     return BackfillDone(report, reconciled)
 

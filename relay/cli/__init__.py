@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     resolve = letter_commands.add_parser("resolve", help="mark a dead letter resolved without replaying it")
     resolve.add_argument("id", type=int)
     prune = commands.add_parser(
-        "prune", help="delete old ledger rows and resolved dead letters (tombstones in users are kept)"
+        "prune",
+        help="delete old ledger rows, resolved dead letters and history (tombstones in users are kept)",
     )
     prune.add_argument(
         "--older-than", required=True, type=_age, metavar="AGE", help="e.g. 30d or 12h (days or hours)"

@@ -23,5 +23,6 @@ async def _prune(conninfo: str, settings: Settings, older_than: timedelta, batch
     cutoff = iso_utc(pruned.cutoff)
     print(f"processed_events: deleted {pruned.processed_events} rows received before {cutoff}")
     print(f"dead_letters: deleted {pruned.dead_letters} resolved before {cutoff}")
+    print(f"user_events: deleted {pruned.user_events} history rows of events before {cutoff}")
     print("users: kept (tombstones are never pruned)")
     return 0
