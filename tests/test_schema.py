@@ -288,7 +288,8 @@ def test_live_users_view_excludes_tombstones(database):
     database.query("UPDATE users SET deleted_at = now() WHERE user_id = 'auth0|gone'")
 
     assert database.query(
-        "SELECT table_name FROM information_schema.views WHERE table_schema = %s ORDER BY 1", [database.schema]
+        "SELECT table_name FROM information_schema.views WHERE table_schema = %s ORDER BY 1",
+        [database.schema],
     ) == [("live_users",), ("user_history",)]
     assert database.query("SELECT user_id, email FROM live_users ORDER BY user_id") == [
         ("auth0|alive", "alive@example.com")
