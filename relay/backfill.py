@@ -48,7 +48,7 @@ from relay.events import (
 )
 from relay.handlers import Outcome, UserState, apply_event
 from relay.settings import DeleteMode
-from relay.store import HistoryRow, KnownSnapshot, NewDeadLetter, Pool, StoredUser
+from relay.store import BatchWrites, HistoryRow, KnownSnapshot, NewDeadLetter, Pool, StoredUser
 
 # Ties between a snapshot and an event at the same instant go to the event: "backfill" sorts before "evt_".
 BACKFILL_VERSION_ID = "backfill"
@@ -408,24 +408,32 @@ async def reconcile_deletes(
             "not reconciling deletes: the export lists no users, and would tombstone everyone in the copy"
         )
     version = (to_micros(exported_at), BACKFILL_VERSION_ID)
+    absent = await store.absent_users(pool, sorted(listing.user_ids), version[0])
+    tombstoned: list[str] = []
 
-    def tombstone(absent: dict[str, StoredUser]) -> tuple[list[UserState], list[HistoryRow]]:
-        states, history = [], []
-        for user_id, stored in absent.items():
+    def tombstone(_processed: frozenset[str], known: dict[str, StoredUser]) -> BatchWrites:
+        # Run again from fresh facts if a live batch changes one of them first: decided anew each time.
+        tombstoned.clear()
+        writes = BatchWrites()
+        for user_id, stored in sorted(known.items()):
             state = stored.state(user_id)
-            if state.last_version is not None and state.last_version >= version:
-                continue  # written since the export started: the export may simply not show it yet
+            if stored.deleted_at is not None or (
+                state.last_version is not None and state.last_version >= version
+            ):
+                continue  # deleted already, or written since the export started: it may not show it yet
             deletion = _deletion(user_id, stored.profile, exported_at, version)
             apply_event(state, deletion, delete_mode)
-            states.append(state)
+            writes.changed_users.append((state, stored.row_version))
             if keep_history:
-                history.append(HistoryRow.of(deletion))
-        return states, history
+                writes.history.append(HistoryRow.of(deletion))
+            tombstoned.append(user_id)
+        return BatchWrites() if dry_run else writes
 
-    states = await store.tombstone_absent_users(
-        pool, sorted(listing.user_ids), version[0], tombstone, write=not dry_run
-    )
-    return Reconciled(exported_at, sorted(state.user_id for state in states), dry_run)
+    if absent:
+        # The live batches' own read and write: the users locked in the same order, a user a live event
+        # changes in between read again, history kept in the same statement.
+        await store.commit_batch(pool, [], absent, tombstone)
+    return Reconciled(exported_at, tombstoned, dry_run)
 
 
 def _deletion(user_id: str, profile: dict[str, Any], exported_at: datetime, version: Version) -> UserEvent:

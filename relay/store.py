@@ -589,15 +589,6 @@ SELECT line ->> 'user_id', relay_timestamptz(coalesce(line ->> 'updated_at', lin
     ON CONFLICT DO NOTHING
 """
 
-RECORD_HISTORY = """
-INSERT INTO user_events (user_id, event_time, event_id, event_type, replaces, object)
-SELECT user_id, event_time, event_id, event_type, replaces, object
-  FROM jsonb_to_recordset(%(history)s::jsonb)
-       AS kept(user_id text, event_time timestamptz, event_id text, event_type text, replaces boolean,
-               object jsonb)
-    ON CONFLICT DO NOTHING
-"""
-
 # The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES.
 UPDATE_LOCKED_USERS = """
 UPDATE users
@@ -698,51 +689,30 @@ SELECT jsonb_array_elements_text(%(listed)s::jsonb)
 """
 
 # The users live in the copy that the export does not list and that nothing newer than the export's start has
-# written, locked in user_id order as every writer locks them, for the relay to tombstone. One written at the
-# export's very microsecond is returned too: the handlers' version order settles it. The anti-join reads the
+# written: those the relay may tombstone, through a batch of its own that reads them again (one written at the
+# export's very microsecond is returned too: the handlers' version order settles it). The anti-join reads the
 # listing through its primary key, whatever the size of either side.
 ABSENT_USERS = """
-SELECT users.user_id, users.profile, users.merge_state, users.deleted_at
+SELECT users.user_id
   FROM users
  WHERE users.deleted_at IS NULL
    AND coalesce((users.merge_state -> 'last' ->> 0)::bigint, 0) <= %(exported_us)s
    AND NOT EXISTS (SELECT 1 FROM export_listing WHERE export_listing.user_id = users.user_id)
  ORDER BY users.user_id
-   FOR UPDATE OF users
 """
 
 
-async def tombstone_absent_users(
-    pool: Pool,
-    listed: Sequence[str],
-    exported_us: int,
-    tombstone: Callable[[dict[str, StoredUser]], tuple[list[UserState], list[HistoryRow]]],
-    *,
-    write: bool,
-) -> list[UserState]:
-    """Hands `tombstone` the live users the export does not list and nothing newer has written (locked),
-    and writes the states (and history rows) it returns in the same transaction; or, unless `write`, rolls
-    back and writes nothing. Returns those states."""
+async def absent_users(pool: Pool, listed: Sequence[str], exported_us: int) -> list[str]:
+    """The ids of the users live in the copy, absent from `listed`, and written by nothing newer than
+    `exported_us`, sorted."""
 
-    async def work(conn: Connection) -> list[UserState]:
-        # A dry run rolls back: not even the listing stays.
-        async with conn.transaction(force_rollback=not write), conn.cursor() as cursor:
+    async def work(conn: Connection) -> list[str]:
+        async with conn.transaction(), conn.cursor() as cursor:
             await cursor.execute(CREATE_EXPORT_LISTING)
             await cursor.execute(EXPORT_CHUNK_WORK_MEM)
             await cursor.execute(FILL_EXPORT_LISTING, {"listed": _encode(list(listed)).decode()})
             await cursor.execute(ABSENT_USERS, {"exported_us": exported_us})
-            absent = {
-                user_id: StoredUser(profile, merge_state, deleted_at, "")
-                for user_id, profile, merge_state, deleted_at in await cursor.fetchall()
-            }
-            states, history = tombstone(absent)
-            if states:
-                await cursor.execute(
-                    UPDATE_LOCKED_USERS, {"users": _encode([_user_row(s) for s in states]).decode()}
-                )
-            if history:
-                await cursor.execute(RECORD_HISTORY, {"history": _encode(history).decode()})
-        return states
+            return [str(row[0]) for row in await cursor.fetchall()]
 
     return await run_retrying(pool, work)
 

@@ -371,8 +371,9 @@ class History:
 @st.composite
 def histories(draw: st.DrawFn) -> History:
     created = draw(st.integers(0, 2 * EXPORT_MS))
-    updated = draw(st.none() | st.integers(created + 1, 2 * EXPORT_MS + 1))
-    deleted = draw(st.none() | st.integers(created + 1, 2 * EXPORT_MS + 2))
+    deleted = draw(st.none() | st.integers(created + 2, 2 * EXPORT_MS + 2))
+    # Auth0 updates a user only while it exists.
+    updated = draw(st.none() | st.integers(created + 1, (deleted or 2 * EXPORT_MS + 2) - 1))
     recreated = None if deleted is None else draw(st.none() | st.integers(deleted + 1, 2 * EXPORT_MS + 3))
     lost = deleted is not None and deleted < EXPORT_MS and draw(st.booleans())
     late = updated is not None and updated < EXPORT_MS and draw(st.booleans())
