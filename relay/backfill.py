@@ -219,9 +219,10 @@ async def load_export(
     chunks_in_flight: int = CHUNKS_IN_FLIGHT,
     listing: ExportListing | None = None,
     keep_history: bool = False,
+    change_feed: str | None = None,
 ) -> BackfillReport:
     """Merges every line of an export into the copy, one committed chunk at a time, several at once; notes
-    who the export lists in `listing`, when given."""
+    who the export lists in `listing`, when given; each chunk's users are announced on `change_feed`."""
     report = BackfillReport()
     merging: set[asyncio.Task[None]] = set()
 
@@ -233,7 +234,9 @@ async def load_export(
                 task.result()  # a failed chunk stops the load
             progress(report)
         merging.add(
-            asyncio.create_task(_merge_chunk(pool, chunk, rejected, delete_mode, report, keep_history))
+            asyncio.create_task(
+                _merge_chunk(pool, chunk, rejected, delete_mode, report, keep_history, change_feed)
+            )
         )
 
     try:
@@ -273,6 +276,7 @@ async def _merge_chunk(
     delete_mode: DeleteMode,
     report: BackfillReport,
     keep_history: bool,
+    change_feed: str | None,
 ) -> None:
     """Merges one chunk; a line PostgreSQL refuses is found by halves and kept as a dead letter."""
     unwritten = list(rejected)  # the chunk's rejected lines go with whichever part commits first
@@ -287,7 +291,13 @@ async def _merge_chunk(
     async def commit(part: Sequence[bytes], refused: Sequence[NewDeadLetter] = ()) -> None:
         letters = [*unwritten, *refused]
         counts = await store.merge_export_chunk(
-            pool, part, letters, BACKFILL_VERSION_ID, merge, keep_history=keep_history
+            pool,
+            part,
+            letters,
+            BACKFILL_VERSION_ID,
+            merge,
+            keep_history=keep_history,
+            change_feed=change_feed,
         )
         report.inserted += counts.inserted
         report.stale += counts.stale + stale
@@ -332,7 +342,12 @@ class RowMerged:
 
 
 async def merge_row(
-    pool: Pool, line: bytes, delete_mode: DeleteMode, *, keep_history: bool = False
+    pool: Pool,
+    line: bytes,
+    delete_mode: DeleteMode,
+    *,
+    keep_history: bool = False,
+    change_feed: str | None = None,
 ) -> RowMerged | str:
     """One export row, kept as a dead letter, merged again exactly as a chunk's rows are (`check_row`, then
     the chunk merge, for a chunk of one) and committed; or why it still cannot go in, when nothing is
@@ -350,7 +365,7 @@ async def merge_row(
 
     async def commit(rows: Sequence[bytes]) -> RowMerged | str:
         counts = await store.merge_export_chunk(
-            pool, rows, [], BACKFILL_VERSION_ID, merge, keep_history=keep_history
+            pool, rows, [], BACKFILL_VERSION_ID, merge, keep_history=keep_history, change_feed=change_feed
         )
         if counts.inserted:
             return RowMerged(user_id, "inserted")
@@ -395,6 +410,7 @@ async def reconcile_deletes(
     *,
     dry_run: bool = False,
     keep_history: bool = False,
+    change_feed: str | None = None,
 ) -> Reconciled:
     """Tombstones every user live in the copy that the export does not list and that no event or row newer
     than `exported_at` (the export's start) has written, as a `user.deleted` at that instant would; in a dry
@@ -432,7 +448,7 @@ async def reconcile_deletes(
     if absent:
         # The live batches' own read and write: the users locked in the same order, a user a live event
         # changes in between read again, history kept in the same statement.
-        await store.commit_batch(pool, [], absent, tombstone)
+        await store.commit_batch(pool, [], absent, tombstone, change_feed=change_feed)
     return Reconciled(exported_at, tombstoned, dry_run)
 
 

@@ -142,7 +142,13 @@ async def _replay_events(pipeline: Pipeline, letter: DeadLetter, items: list[Ite
 
 
 async def _replay_export_row(pool: Pool, settings: Settings, letter: DeadLetter) -> Replayed:
-    merged = await backfill.merge_row(pool, letter.body, settings.delete_mode, keep_history=settings.history)
+    merged = await backfill.merge_row(
+        pool,
+        letter.body,
+        settings.delete_mode,
+        keep_history=settings.history,
+        change_feed=settings.change_feed_channel,
+    )
     if isinstance(merged, str):
         if merged != letter.error:
             await _record_replay_failure(pool, letter.id, merged)

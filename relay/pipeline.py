@@ -260,6 +260,7 @@ class Pipeline:
         self._pinning = asyncio.Lock()
         self._delete_mode = settings.delete_mode
         self._keep_history = settings.history
+        self._change_feed = settings.change_feed_channel
         self.allowed_tenants = settings.allowed_tenants
         self.allowed_streams = settings.allowed_streams
         self._committer: GroupCommitter[Delivery, list[EventResult]] = GroupCommitter(
@@ -344,7 +345,9 @@ class Pipeline:
 
         event_ids = [item.id for _, item in entries if not isinstance(item, Undecodable)]
         user_ids = [item.user_id for _, item in entries if isinstance(item, UserEvent)]
-        committed = await store.commit_batch(self._pool, event_ids, user_ids, decide_from)
+        committed = await store.commit_batch(
+            self._pool, event_ids, user_ids, decide_from, change_feed=self._change_feed
+        )
         assert decided is not None
         results = []
         for index, (delivery, item) in enumerate(entries):

@@ -27,6 +27,9 @@ from relay.signing import HEADERS_NOT_FOR_CREDENTIALS
 DeleteMode = Literal["soft", "scrub"]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# The change feed's channel is `<schema>_users_changed`; PostgreSQL names hold at most 63 bytes.
+CHANGE_FEED_SUFFIX = "_users_changed"
+_LONGEST_CHANNEL = 63
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 # As Auth0 documents `a0tenant` (the tenant name) and `a0stream` (the event stream id).
@@ -112,6 +115,8 @@ class Settings:
     """`soft` keeps a deleted user's profile beside the tombstone; `scrub` clears its personal fields."""
     history: bool = False
     """Keep every merged event's object, and every export row, in `user_events` (`RELAY_HISTORY=on`)."""
+    change_feed: bool = True
+    """NOTIFY the users each commit wrote on `<schema>_users_changed` (`RELAY_CHANGE_FEED=off` to stop)."""
     pool_size: int = 10
     """Most PostgreSQL connections this process holds."""
     db_timeout_seconds: float = 2.0
@@ -146,6 +151,11 @@ class Settings:
     """Long polls each worker keeps open at once (each takes up to 10 messages)."""
 
     @property
+    def change_feed_channel(self) -> str | None:
+        """The channel the users each commit wrote are announced on, or None with the change feed off."""
+        return self.db_schema + CHANGE_FEED_SUFFIX if self.change_feed else None
+
+    @property
     def has_credentials(self) -> bool:
         return bool(self.signing_secrets or self.webhook_tokens or self.webhook_basic or self.webhook_headers)
 
@@ -176,6 +186,16 @@ class Settings:
         history = (text("RELAY_HISTORY") or "off").lower()
         if history not in ("on", "off"):
             raise ConfigError(f"RELAY_HISTORY: expected 'on' or 'off', got {history!r}")
+        change_feed = (text("RELAY_CHANGE_FEED") or "on").lower()
+        if change_feed not in ("on", "off"):
+            raise ConfigError(f"RELAY_CHANGE_FEED: expected 'on' or 'off', got {change_feed!r}")
+        if change_feed == "on" and len(schema + CHANGE_FEED_SUFFIX) > _LONGEST_CHANNEL:
+            longest_schema = _LONGEST_CHANNEL - len(CHANGE_FEED_SUFFIX)
+            raise ConfigError(
+                f"RELAY_DB_SCHEMA: at most {longest_schema} characters with the change feed on, so that its "
+                f"channel {schema + CHANGE_FEED_SUFFIX!r} fits PostgreSQL's {_LONGEST_CHANNEL}; or set "
+                "RELAY_CHANGE_FEED=off"
+            )
         log_level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"RELAY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -202,6 +222,7 @@ class Settings:
             max_body_bytes=_integer(env, "RELAY_MAX_BODY_BYTES", 256 * 1024, 1024, 64 * 1024 * 1024),
             delete_mode=delete_mode,  # type: ignore[arg-type]  # checked just above
             history=history == "on",
+            change_feed=change_feed == "on",
             pool_size=_integer(env, "RELAY_DB_POOL_SIZE", 10, 1, 1000),
             db_timeout_seconds=_number(env, "RELAY_DB_TIMEOUT_SECONDS", 2.0, 0.1, 30.0),
             batch_max_events=_integer(env, "RELAY_BATCH_MAX_EVENTS", 500, 1, 10_000),

@@ -286,9 +286,12 @@ SELECT 'event', event_id, NULL, NULL, NULL, NULL
 # The users it changes are locked in user_id order and must still be the row versions it read; if another
 # writer changed one in between, relay_write_conflict() fails the statement and the batch runs again from
 # fresh facts. Every batch, from any replica, takes its locks in the same order (known users, then ledger ids,
-# then new users, each sorted: the branches of the final SELECT run in turn, and the INSERT that nothing reads
-# runs last), so concurrent batches queue on each other instead of deadlocking. A user seen as new by two
-# batches at once is inserted by one; the other fails on the primary key and runs again.
+# then new users, each sorted: the branches of the final SELECT run in turn, and the INSERT of new users is
+# first read by the last one), so concurrent batches queue on each other instead of deadlocking. A user seen
+# as new by two batches at once is inserted by one; the other fails on the primary key and runs again.
+#
+# The last branch also announces the users written on the change feed (`relay_announce_changes`, delivered at
+# commit), so the feed costs no round trip of its own.
 WRITE_BATCH = """
 WITH locked AS (
     SELECT user_id, xmin::text AS row_version
@@ -309,7 +312,7 @@ WITH locked AS (
                     last_event_processed timestamptz, last_event_id text)
       JOIN locked ON locked.user_id = batch.user_id AND locked.row_version = batch.row_version
      WHERE users.user_id = batch.user_id
-    RETURNING users.user_id
+    RETURNING users.user_id, users.deleted_at IS NOT NULL AS tombstoned
 ), inserted AS (
     INSERT INTO users (user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id)
     SELECT user_id, profile, merge_state, deleted_at, last_event_processed, last_event_id
@@ -318,7 +321,7 @@ WITH locked AS (
                     last_event_processed timestamptz, last_event_id text)
      WHERE (SELECT count(*) FROM locked) >= 0  -- the known users are locked before any new one is inserted
      ORDER BY user_id
-    RETURNING user_id
+    RETURNING user_id, deleted_at IS NOT NULL AS tombstoned
 ), recorded AS (
     INSERT INTO processed_events (event_id, event_type, user_id, event_time, outcome)
     SELECT event_id, event_type, user_id, event_time, outcome
@@ -352,6 +355,10 @@ WITH locked AS (
        SET resolved_at = now()
      WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(resolved_letters)s::jsonb)::bigint))
        AND resolved_at IS NULL
+), written AS (
+    SELECT user_id, tombstoned FROM changed
+     UNION ALL
+    SELECT user_id, tombstoned FROM inserted
 )
 SELECT 'conflict', relay_write_conflict() WHERE (SELECT count(*) FROM changed) <> %(changed_count)s
  UNION ALL
@@ -359,6 +366,10 @@ SELECT 'event', event_id FROM recorded
  UNION ALL
 -- Identity values rise in insertion order, so the ids returned, sorted, match the letters given.
 SELECT 'letter', id::text FROM letters
+ UNION ALL
+SELECT 'announced',
+       relay_announce_changes(%(channel)s::text, array_agg(user_id), array_agg(tombstoned))::text
+  FROM written
 """
 
 
@@ -445,11 +456,17 @@ Decide = Callable[[frozenset[str], dict[str, StoredUser]], BatchWrites]
 
 
 async def commit_batch(
-    pool: Pool, event_ids: Sequence[str], user_ids: Sequence[str], decide: Decide
+    pool: Pool,
+    event_ids: Sequence[str],
+    user_ids: Sequence[str],
+    decide: Decide,
+    *,
+    change_feed: str | None = None,
 ) -> Committed:
     """One committed batch: finds which `event_ids` are already processed and reads the known `user_ids`,
-    asks `decide(processed, known_users)` what to write, and writes it in one statement. Run again from
-    fresh facts if another writer got there first, then with the known users locked from read to write."""
+    asks `decide(processed, known_users)` what to write, and writes it in one statement, announcing the users
+    it wrote on the `change_feed` channel (when given). Run again from fresh facts if another writer got there
+    first, then with the known users locked from read to write."""
     ids = {
         "event_ids": _encode(list(event_ids)).decode(),
         "user_ids": _encode(sorted(set(user_ids))).decode(),
@@ -475,20 +492,21 @@ async def commit_batch(
             else:
                 processed.add(key)
         writes = decide(frozenset(processed), known)
-        cursor = await conn.execute(WRITE_BATCH, _write_parameters(writes))
+        cursor = await conn.execute(WRITE_BATCH, _write_parameters(writes, change_feed))
         recorded, letters = set(), []
         for kind, key in await cursor.fetchall():
             if kind == "event":
                 recorded.add(key)
-            else:
+            elif kind == "letter":
                 letters.append(int(key))
         return Committed(writes, frozenset(recorded), sorted(letters))
 
     return await run_retrying(pool, work)
 
 
-def _write_parameters(writes: BatchWrites) -> dict[str, Any]:
+def _write_parameters(writes: BatchWrites, change_feed: str | None) -> dict[str, Any]:
     return {
+        "channel": change_feed,
         "changed_users": _encode(
             [_user_row(state, row_version) for state, row_version in writes.changed_users]
         ).decode(),
@@ -564,10 +582,15 @@ WITH staged AS (
       FROM staged
      WHERE user_id NOT IN (SELECT user_id FROM known)
      ORDER BY user_id
-    RETURNING 1
+    RETURNING user_id
 )
 SELECT 'inserted', NULL::text, (SELECT count(*) FROM inserted), NULL::jsonb, NULL::jsonb, NULL::jsonb,
        NULL::timestamptz
+ UNION ALL
+-- The users inserted, on the change feed; the known ones are announced by UPDATE_LOCKED_USERS.
+SELECT 'announced', NULL, relay_announce_changes(%(channel)s::text, array_agg(user_id), array_agg(false)),
+       NULL, NULL, NULL, NULL
+  FROM inserted
  UNION ALL
 SELECT 'stale', NULL, count(*), NULL, NULL, NULL, NULL
   FROM known JOIN staged USING (user_id)
@@ -589,18 +612,23 @@ SELECT line ->> 'user_id', relay_timestamptz(coalesce(line ->> 'updated_at', lin
     ON CONFLICT DO NOTHING
 """
 
-# The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES.
+# The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES; announced on the
+# change feed.
 UPDATE_LOCKED_USERS = """
-UPDATE users
-   SET profile = batch.profile,
-       merge_state = batch.merge_state,
-       deleted_at = batch.deleted_at,
-       last_event_processed = batch.last_event_processed,
-       last_event_id = batch.last_event_id
-  FROM jsonb_to_recordset(%(users)s::jsonb)
-       AS batch(user_id text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
-                last_event_processed timestamptz, last_event_id text)
- WHERE users.user_id = batch.user_id
+WITH updated AS (
+    UPDATE users
+       SET profile = batch.profile,
+           merge_state = batch.merge_state,
+           deleted_at = batch.deleted_at,
+           last_event_processed = batch.last_event_processed,
+           last_event_id = batch.last_event_id
+      FROM jsonb_to_recordset(%(users)s::jsonb)
+           AS batch(user_id text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
+                    last_event_processed timestamptz, last_event_id text)
+     WHERE users.user_id = batch.user_id
+    RETURNING users.user_id, users.deleted_at IS NOT NULL AS tombstoned
+)
+SELECT relay_announce_changes(%(channel)s::text, array_agg(user_id), array_agg(tombstoned)) FROM updated
 """
 
 RECORD_DEAD_LETTERS = """
@@ -636,10 +664,12 @@ async def merge_export_chunk(
     merge: Callable[[list[KnownSnapshot]], list[UserState]],
     *,
     keep_history: bool = False,
+    change_feed: str | None = None,
 ) -> ExportChunkCounts:
     """One committed transaction for a chunk of export lines (already checked to be Auth0 users): COPY them in
     raw, insert the new users in SQL, hand the known ones to `merge` and write what it returns, keep the
-    `rejected` lines as dead letters, and with `keep_history` every line in `user_events`."""
+    `rejected` lines as dead letters, and with `keep_history` every line in `user_events`; the users
+    written are announced on the `change_feed` channel (when given)."""
 
     async def work(conn: Connection) -> ExportChunkCounts:
         async with conn.transaction(), conn.cursor() as cursor:
@@ -653,19 +683,20 @@ async def merge_export_chunk(
             if lines and keep_history:
                 await cursor.execute(RECORD_EXPORT_HISTORY, {"version_id": version_id})
             if lines:
-                await cursor.execute(MERGE_EXPORT_LINES, {"version_id": version_id})
+                await cursor.execute(MERGE_EXPORT_LINES, {"version_id": version_id, "channel": change_feed})
                 for kind, user_id, number, row, profile, merge_state, deleted_at in await cursor.fetchall():
                     if kind == "inserted":
                         inserted = int(number)
                     elif kind == "stale":
                         stale = int(number)
-                    else:
+                    elif kind == "known":
                         stored = StoredUser(profile, merge_state, deleted_at, "")
                         known.append(KnownSnapshot(user_id, int(number), row, stored))
             merged = merge(known)
             if merged:
                 await cursor.execute(
-                    UPDATE_LOCKED_USERS, {"users": _encode([_user_row(s) for s in merged]).decode()}
+                    UPDATE_LOCKED_USERS,
+                    {"users": _encode([_user_row(s) for s in merged]).decode(), "channel": change_feed},
                 )
             if rejected:
                 await cursor.execute(RECORD_DEAD_LETTERS, {"dead_letters": _encode(list(rejected)).decode()})
@@ -775,7 +806,7 @@ async def migrated_version(pool: Pool) -> int:
 # takes only the locks a batch takes, for a few milliseconds.
 _PLANNED_FOR_READINESS = (
     ("EXPLAIN " + READ_BATCH, {"event_ids": "[]", "user_ids": "[]"}),
-    ("EXPLAIN " + WRITE_BATCH, _write_parameters(BatchWrites())),
+    ("EXPLAIN " + WRITE_BATCH, _write_parameters(BatchWrites(), None)),
 )
 
 

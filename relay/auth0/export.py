@@ -346,6 +346,7 @@ async def load_file(
             progress=committed,
             listing=listing,
             keep_history=settings.history,
+            change_feed=settings.change_feed_channel,
         )
     progress(f"loaded {path.name}: {report.describe(time.monotonic() - started)}")
     return report
@@ -373,7 +374,13 @@ async def load_and_reconcile(
     progress(f"reconciling deletes: looking for users {path.name} does not list")
     async with open_pool(conninfo, settings) as pool:
         reconciled = await reconcile_deletes(
-            pool, listing, exported_at, settings.delete_mode, dry_run=dry_run, keep_history=settings.history
+            pool,
+            listing,
+            exported_at,
+            settings.delete_mode,
+            dry_run=dry_run,
+            keep_history=settings.history,
+            change_feed=settings.change_feed_channel,
         )
     return BackfillDone(report, reconciled)
 
