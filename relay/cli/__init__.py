@@ -1,8 +1,8 @@
 """The `relay` console script: `serve` and `migrate`; `send-sample` for a first look; the Auth0 tasks
 `deploy-action`, `deploy-eventbridge`, `verify`, `backfill`, `catch-up`, `deliveries` and `redeliver`; and
-the operator's `dead-letters` and `prune`. This module parses and dispatches; each group of commands has a
-module here that runs the library's work and says how it went. This package is the only part of the relay
-that writes to the terminal.
+the operator's `dead-letters`, `prune` and `export`. This module parses and dispatches; each group of
+commands has a module here that runs the library's work and says how it went. This package is the only part
+of the relay that writes to the terminal.
 """
 
 from __future__ import annotations
@@ -173,6 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--types", type=_event_types, default=(), metavar="TYPES", help="comma-separated event types"
         )
     redeliver.add_argument("--event-id", metavar="ID", help="redeliver this one event")
+    export = commands.add_parser(
+        "export",
+        help="write the live users of one database connection as Auth0's bulk user import JSON",
+    )
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["auth0-import"],
+        help="auth0-import: the JSON array POST /api/v2/jobs/users-imports takes (no password hashes)",
+    )
+    export.add_argument(
+        "--connection", required=True, help="the database connection whose users to export, by name"
+    )
+    export.add_argument("--out", type=Path, metavar="FILE", help="write to FILE (default: stdout)")
 
     args = parser.parse_args(argv)
     try:
@@ -253,6 +267,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             poll_interval=args.poll_interval,
             reconciling=reconciling,
         )
+    if command == "export":
+        from relay.cli.export import export_import_file
+
+        return export_import_file(settings, args.connection, args.out)
     if command == "catch-up":
         from relay.cli.catch_up import catch_up
 
