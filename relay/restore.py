@@ -1,5 +1,6 @@
-"""The copy turned back into something Auth0 can import: the live users of one database connection as the
-JSON array that Auth0's bulk user import job takes (`POST /api/v2/jobs/users-imports`).
+"""The copy turned back into files: the live users of one database connection as the JSON array that Auth0's
+bulk user import job takes (`POST /api/v2/jobs/users-imports`), or every live profile as a users export job
+writes it (NDJSON), which `relay backfill --file` loads into another copy.
 
 Only the fields that format accepts are written, each only when it has the type the format gives it: the
 import refuses a file with any other field. The user id is the one the connection knows (the identity's
@@ -11,6 +12,7 @@ not in the copy (Auth0 never sends them in an event or an export): restored user
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -89,34 +91,47 @@ def _connection_user_id(profile: dict[str, Any], connection: str) -> str:
     return str(profile["user_id"]).partition("|")[2] or str(profile["user_id"])
 
 
+class Format(enum.StrEnum):
+    AUTH0_IMPORT = "auth0-import"  # the bulk import job's JSON array, for one database connection
+    EXPORT = "export"  # a users export job's NDJSON, one profile a line: what `relay backfill --file` loads
+
+
 @dataclass(frozen=True, slots=True)
-class ImportWritten:
+class Written:
     users: int  # written
-    without_email: int  # left out: the format requires an email
+    without_email: int  # left out of an import file: the format requires an email
     size: int  # bytes written
 
 
-def write_import(
+def write_users(
     profiles: Iterable[dict[str, Any]],
-    connection: str,
     target: IO[bytes],
+    shape: Format,
+    connection: str | None,
     *,
     progress: Callable[[int], None] = lambda _read: None,
-) -> ImportWritten:
-    """Writes `profiles` to `target` as one bulk import JSON array, a user a line; `progress(read)` after each
-    thousand profiles read."""
+) -> Written:
+    """Writes `profiles` to `target` in `shape`, a user a line; `progress(read)` after each thousand profiles
+    read. An import file is for one `connection` (required); an export is every profile whole, exactly as
+    stored, so that loading it into an empty schema gives the same profiles."""
+    importing = shape is Format.AUTH0_IMPORT
+    if importing and connection is None:
+        raise ValueError("an import file is for one connection")
     users = without_email = read = 0
-    size = target.write(b"[")
+    size = target.write(b"[" if importing else b"")
     for profile in profiles:
         read += 1
         if read % 1000 == 0:
             progress(read)
-        user = import_user(profile, connection)
+        user = import_user(profile, connection) if importing and connection is not None else profile
         if user is None:
             without_email += 1
             continue
-        size += target.write((b",\n" if users else b"\n") + _encode(user))
+        if importing:
+            size += target.write((b",\n" if users else b"\n") + _encode(user))
+        else:
+            size += target.write(_encode(user) + b"\n")
         users += 1
-    size += target.write(b"\n]\n")
+    size += target.write(b"\n]\n" if importing else b"")
     progress(read)
-    return ImportWritten(users, without_email, size)
+    return Written(users, without_email, size)

@@ -867,31 +867,33 @@ def find_watched_user(conn: DirectConnection, user_id: str) -> WatchedUser | Non
     return WatchedUser(*row) if row else None
 
 
-# `relay export`: the live users of one connection, in user_id order, through a server-side cursor so that a
-# large copy is never held whole; the GIN index on identities serves the containment.
+# `relay export`: the live users (of one connection, when named), in user_id order, through a server-side
+# cursor so that a large copy is never held whole; the GIN index on identities serves the containment.
 LIVE_USERS_OF_CONNECTION = """
 SELECT profile::text
   FROM live_users
- WHERE identities @> jsonb_build_array(jsonb_build_object('connection', %(connection)s::text))
+ WHERE %(connection)s::text IS NULL
+    OR identities @> jsonb_build_array(jsonb_build_object('connection', %(connection)s::text))
  ORDER BY user_id
 """
 
 COUNT_LIVE_USERS_OF_CONNECTION = """
 SELECT count(*)
   FROM live_users
- WHERE identities @> jsonb_build_array(jsonb_build_object('connection', %(connection)s::text))
+ WHERE %(connection)s::text IS NULL
+    OR identities @> jsonb_build_array(jsonb_build_object('connection', %(connection)s::text))
 """
 
 
-def count_live_users_of_connection(conn: DirectConnection, connection: str) -> int:
+def count_live_users(conn: DirectConnection, connection: str | None) -> int:
     row = conn.execute(COUNT_LIVE_USERS_OF_CONNECTION, {"connection": connection}).fetchone()
     return int(row[0]) if row else 0
 
 
-def live_users_of_connection(conn: DirectConnection, connection: str) -> Iterator[dict[str, Any]]:
-    """The profiles of the live users with an identity in `connection`, sorted by user_id, with every digit
-    of their numbers; on a `direct_connection`, read in one snapshot."""
-    with conn.transaction(), conn.cursor(name="live_users_of_connection") as cursor:
+def live_users(conn: DirectConnection, connection: str | None) -> Iterator[dict[str, Any]]:
+    """The profiles of the live users (with an identity in `connection`, when given), sorted by user_id, with
+    every digit of their numbers; on a `direct_connection`, read in one snapshot."""
+    with conn.transaction(), conn.cursor(name="live_users") as cursor:
         cursor.itersize = 1000
         cursor.execute(LIVE_USERS_OF_CONNECTION, {"connection": connection})
         for (profile,) in cursor:

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 
 from tests.support import REPO
-from tests.support.database import Database
+from tests.support.database import TYPED_COLUMNS, Database, migrated_schema
 from tests.support.events import BASE_TIME, encode, export_row, ndjson, user_event
 from tests.support.http import deliver, outcomes, relay_command
 
@@ -108,7 +108,7 @@ def test_the_import_file_holds_the_connections_live_users_in_the_fields_auth0_ac
             "user_metadata": {"theme": "dark", "score": 1.25},
         }
     ]
-    assert f"exported 1 live users of connection {DATABASE_CONNECTION!r} to {out}" in done.stdout
+    assert f"exported 1 live users of connection {DATABASE_CONNECTION} to {out}" in done.stdout
     assert "left out 1 users without an email: Auth0's import requires one" in done.stdout
     assert PASSWORD_NOTICE in done.stdout
     assert not (tmp_path / "import.json.partial").exists()
@@ -145,8 +145,54 @@ def test_a_large_export_to_stdout_shows_progress_on_stderr(
     assert "Auth0 takes at most 500 KB per import job: split the array over several files" in done.stderr
 
 
-def test_an_unknown_format_or_a_missing_connection_is_refused(clean_database: Database) -> None:
-    for args in (["--format", "csv", "--connection", "x"], ["--format", "auth0-import"]):
-        done = relay_command(clean_database, "export", *args)
-        assert done.returncode == 2
-        assert "relay export: error:" in done.stderr
+def test_an_unknown_format_or_an_import_without_a_connection_is_refused(clean_database: Database) -> None:
+    unknown = relay_command(clean_database, "export", "--format", "csv", "--connection", "x")
+    assert unknown.returncode == 2
+    assert "argument --format: invalid choice: 'csv'" in unknown.stderr
+    unnamed = relay_command(clean_database, "export", "--format", "auth0-import")
+    assert unnamed.returncode == 2
+    assert "--format auth0-import needs --connection NAME" in unnamed.stderr
+
+
+def live_copy(database: Database) -> list[tuple[Any, ...]]:
+    """What a reader of the copy sees of each live user: the profile and every column derived from it."""
+    columns = ", ".join(("user_id", "profile", *TYPED_COLUMNS))
+    return database.query(f"SELECT {columns} FROM live_users ORDER BY user_id")
+
+
+def test_an_export_loaded_into_an_empty_schema_reproduces_the_live_copy(
+    client: httpx.Client, clean_database: Database, tmp_path: Path
+) -> None:
+    exact = {"balance": "NUMBER", "ratio": 0.1}
+    events = [
+        user_event("created", "evt_1", 0, **export_row("auth0|ann", BASE_TIME)),
+        user_event("updated", "evt_2", 1, "auth0|ann", nickname="annie", user_metadata={"theme": "dark"}),
+        user_event("created", "evt_3", 2, **social("google-oauth2|1057")),
+        user_event("created", "evt_4", 3, **export_row("auth0|gone", BASE_TIME)),
+        user_event("deleted", "evt_5", 4, "auth0|gone"),
+        user_event("created", "evt_6", 5, **export_row("auth0|exact", BASE_TIME, app_metadata=exact)),
+    ]
+    body = encode(events).replace(b'"NUMBER"', b"12345678901234567890.123456789012")
+    assert outcomes(deliver(client, "webhook", body)) == ["applied"] * 4 + ["tombstoned", "applied"]
+    export = tmp_path / "users.ndjson"
+    done = relay_command(clean_database, "export", "--format", "export", "--out", str(export))
+    assert done.returncode == 0, done.stderr
+    assert "exported 3 live users of the copy" in done.stdout
+    assert [json.loads(line)["user_id"] for line in export.read_text().splitlines()] == [
+        "auth0|ann",
+        "auth0|exact",
+        "google-oauth2|1057",
+    ]
+    assert b"12345678901234567890.123456789012" in export.read_bytes()
+
+    with migrated_schema(clean_database.conninfo) as restored:
+        loaded = relay_command(restored, "backfill", "--file", str(export))
+        assert loaded.returncode == 0, loaded.stderr
+        assert live_copy(restored) == live_copy(clean_database)
+
+    one_connection = relay_command(
+        clean_database, "export", "--format", "export", "--connection", "google-oauth2"
+    )
+    assert [json.loads(line)["user_id"] for line in one_connection.stdout.splitlines()] == [
+        "google-oauth2|1057"
+    ]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.observability import configure_logging
+from relay.restore import Format
 from relay.settings import ConfigError, Settings, use_secret_files
 from relay.store import StoreError
 
@@ -175,17 +176,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     redeliver.add_argument("--event-id", metavar="ID", help="redeliver this one event")
     export = commands.add_parser(
         "export",
-        help="write the live users of one database connection as Auth0's bulk user import JSON",
+        help="write the live users as Auth0's bulk user import JSON, or as a users export's NDJSON",
     )
     export.add_argument(
         "--format",
         required=True,
-        choices=["auth0-import"],
-        help="auth0-import: the JSON array POST /api/v2/jobs/users-imports takes (no password hashes)",
+        choices=[shape.value for shape in Format],
+        help="auth0-import: the JSON array POST /api/v2/jobs/users-imports takes (no password hashes; "
+        "needs --connection); export: one profile a line, as a users export job writes them, which "
+        "relay backfill --file loads",
     )
-    export.add_argument(
-        "--connection", required=True, help="the database connection whose users to export, by name"
-    )
+    export.add_argument("--connection", help="only the users with an identity in this connection (by name)")
     export.add_argument("--out", type=Path, metavar="FILE", help="write to FILE (default: stdout)")
 
     args = parser.parse_args(argv)
@@ -197,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("redeliver: --event-id cannot be combined with --since, --until or --types")
         if args.command == "backfill":
             _check_reconcile_options(parser, args)
+        if args.command == "export" and args.format == Format.AUTH0_IMPORT and args.connection is None:
+            parser.error(
+                "export: --format auth0-import needs --connection NAME, the connection to import into"
+            )
         return _run(args, settings)
     except ConfigError as error:
         # One line per problem: deploy-action names every missing variable at once.
@@ -268,9 +273,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             reconciling=reconciling,
         )
     if command == "export":
-        from relay.cli.export import export_import_file
+        from relay.cli.export import export
 
-        return export_import_file(settings, args.connection, args.out)
+        return export(settings, Format(args.format), args.connection, args.out)
     if command == "catch-up":
         from relay.cli.catch_up import catch_up
 
