@@ -11,6 +11,8 @@ median ratio over the rounds. The servers:
                                event its own transaction, ten at a time per worker (as the guide's pool)
   relay, history on            the same as relay with RELAY_HISTORY=on: every event's object also kept in
                                user_events, in the batch's one statement
+  relay, change feed off       the same as relay with RELAY_CHANGE_FEED=off: no NOTIFY of the users each
+                               commit wrote (the default announces them)
   guide-style handler          bench/guide: Express + node-postgres, one guarded upsert per event, no ledger
   bare Litestar (N processes)  bench/bare_litestar.py: bearer check and msgspec decode, no database, under
                                uvicorn with as many worker processes as the relay
@@ -63,11 +65,12 @@ WORKERS = os.cpu_count() or 1
 RELAY = "relay"
 ONE_TX = "relay, one tx per event"
 HISTORY = "relay, history on"
+FEED_OFF = "relay, change feed off"
 GUIDE = "guide-style handler"
 BARE_N = f"bare Litestar ({WORKERS} processes)"
 BARE_1 = "bare Litestar (1 process)"
-SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX, HISTORY)
-RELAYS = (RELAY, ONE_TX, HISTORY)
+SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX, HISTORY, FEED_OFF)
+RELAYS = (RELAY, ONE_TX, HISTORY, FEED_OFF)
 SQS = "relay SQS consumer (moto)"
 
 
@@ -212,6 +215,8 @@ def server_command(server: str, conninfo: str, schema: str, port: int) -> tuple[
             env["RELAY_BATCH_FLUSHERS"] = "10"
         if server == HISTORY:
             env["RELAY_HISTORY"] = "on"
+        if server == FEED_OFF:
+            env["RELAY_CHANGE_FEED"] = "off"
         return [sys.executable, "-m", "relay.cli", "serve", "--migrate"], env
     if server == GUIDE:
         env = {
@@ -568,6 +573,7 @@ def report(
         (f"relay / {BARE_1}", *median_ratio(RELAY, BARE_1), ""),
         (f"relay / {ONE_TX}", *median_ratio(RELAY, ONE_TX), ""),
         (f"{HISTORY} / relay", *median_ratio(HISTORY, RELAY), ""),
+        (f"relay / {FEED_OFF}", *median_ratio(RELAY, FEED_OFF), ""),
     ]
     if sqs_rates:
         ratios = [rate / by_round[number][RELAY].events_per_second for number, rate in sqs_rates.items()]
