@@ -556,7 +556,8 @@ COPY export_lines (line) FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER 
 # stored snapshot is newer than the row, for which the row changes nothing (counted as stale). Users the copy
 # does not have are inserted here, directly, with the state the handlers would give them: the row as the
 # profile, the row's version as both the snapshot and the last version. The same lock order as live batches
-# (known users, then new ones, each sorted), so the two never deadlock.
+# (known users, then new ones, each sorted), so the two never deadlock. The known users come with their row
+# version, which stays as it is while they are locked, so WRITE_BATCH writes what the relay merged.
 MERGE_EXPORT_LINES = """
 WITH staged AS (
     SELECT DISTINCT ON (user_id) user_id, line, version_time,
@@ -566,7 +567,7 @@ WITH staged AS (
               FROM export_lines) AS lines
      ORDER BY user_id, version_time DESC
 ), known AS (
-    SELECT users.user_id, users.profile, users.merge_state, users.deleted_at
+    SELECT users.user_id, users.profile, users.merge_state, users.deleted_at, users.xmin::text AS row_version
       FROM users
       JOIN staged ON staged.user_id = users.user_id
      ORDER BY users.user_id
@@ -585,19 +586,19 @@ WITH staged AS (
     RETURNING user_id
 )
 SELECT 'inserted', NULL::text, (SELECT count(*) FROM inserted), NULL::jsonb, NULL::jsonb, NULL::jsonb,
-       NULL::timestamptz
+       NULL::timestamptz, NULL::text
  UNION ALL
--- The users inserted, on the change feed; the known ones are announced by UPDATE_LOCKED_USERS.
+-- The users inserted, on the change feed; the known ones are announced by WRITE_BATCH, which writes them.
 SELECT 'announced', NULL, relay_announce_changes(%(channel)s::text, array_agg(user_id), array_agg(false)),
-       NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL
   FROM inserted
  UNION ALL
-SELECT 'stale', NULL, count(*), NULL, NULL, NULL, NULL
+SELECT 'stale', NULL, count(*), NULL, NULL, NULL, NULL, NULL
   FROM known JOIN staged USING (user_id)
  WHERE staged.version_us < (known.merge_state -> 'snapshot' ->> 0)::bigint
  UNION ALL
 SELECT 'known', known.user_id, staged.version_us, staged.line,
-       known.profile, known.merge_state, known.deleted_at
+       known.profile, known.merge_state, known.deleted_at, known.row_version
   FROM known JOIN staged USING (user_id)
  WHERE NOT coalesce(staged.version_us < (known.merge_state -> 'snapshot' ->> 0)::bigint, false)
 """
@@ -610,32 +611,6 @@ SELECT line ->> 'user_id', relay_timestamptz(coalesce(line ->> 'updated_at', lin
        %(version_id)s, %(version_id)s, true, line
   FROM export_lines
     ON CONFLICT DO NOTHING
-"""
-
-# The known users of a chunk, merged by the relay, and already locked by MERGE_EXPORT_LINES; announced on the
-# change feed.
-UPDATE_LOCKED_USERS = """
-WITH updated AS (
-    UPDATE users
-       SET profile = batch.profile,
-           merge_state = batch.merge_state,
-           deleted_at = batch.deleted_at,
-           last_event_processed = batch.last_event_processed,
-           last_event_id = batch.last_event_id
-      FROM jsonb_to_recordset(%(users)s::jsonb)
-           AS batch(user_id text, profile jsonb, merge_state jsonb, deleted_at timestamptz,
-                    last_event_processed timestamptz, last_event_id text)
-     WHERE users.user_id = batch.user_id
-    RETURNING users.user_id, users.deleted_at IS NOT NULL AS tombstoned
-)
-SELECT relay_announce_changes(%(channel)s::text, array_agg(user_id), array_agg(tombstoned)) FROM updated
-"""
-
-RECORD_DEAD_LETTERS = """
-INSERT INTO dead_letters (route, body, headers, error)
-SELECT route, decode(body, 'base64'), headers, error
-  FROM jsonb_to_recordset(%(dead_letters)s::jsonb)
-       AS letter(route text, body text, headers jsonb, error text)
 """
 
 
@@ -684,22 +659,22 @@ async def merge_export_chunk(
                 await cursor.execute(RECORD_EXPORT_HISTORY, {"version_id": version_id})
             if lines:
                 await cursor.execute(MERGE_EXPORT_LINES, {"version_id": version_id, "channel": change_feed})
-                for kind, user_id, number, row, profile, merge_state, deleted_at in await cursor.fetchall():
+                for kind, user_id, number, row, *stored_columns in await cursor.fetchall():
                     if kind == "inserted":
                         inserted = int(number)
                     elif kind == "stale":
                         stale = int(number)
                     elif kind == "known":
-                        stored = StoredUser(profile, merge_state, deleted_at, "")
-                        known.append(KnownSnapshot(user_id, int(number), row, stored))
-            merged = merge(known)
-            if merged:
-                await cursor.execute(
-                    UPDATE_LOCKED_USERS,
-                    {"users": _encode([_user_row(s) for s in merged]).decode(), "channel": change_feed},
-                )
-            if rejected:
-                await cursor.execute(RECORD_DEAD_LETTERS, {"dead_letters": _encode(list(rejected)).decode()})
+                        known.append(KnownSnapshot(user_id, int(number), row, StoredUser(*stored_columns)))
+            row_versions = {snapshot.user_id: snapshot.stored.row_version for snapshot in known}
+            writes = BatchWrites(
+                changed_users=[(state, row_versions[state.user_id]) for state in merge(known)],
+                dead_letters=list(rejected),
+            )
+            if writes.changed_users or writes.dead_letters:
+                # The live batches' own write: the merged users (still locked, so still the versions read) and
+                # the rejected lines as dead letters, announced on the change feed.
+                await cursor.execute(WRITE_BATCH, _write_parameters(writes, change_feed))
         return ExportChunkCounts(inserted, stale, known)
 
     return await run_retrying(pool, work)
