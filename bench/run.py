@@ -99,7 +99,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--backfill-users", type=int, default=300_000, help="export size (0 skips backfill)")
-    parser.add_argument("--sqs-events", type=int, default=5000, help="events queued per SQS run (0 skips it)")
+    parser.add_argument(
+        "--sqs-events",
+        type=int,
+        default=1000,
+        help="events queued per SQS run (0 skips it); moto, not the relay, bounds this path's pace here",
+    )
     args = parser.parse_args()
 
     for tool in ("wrk", "node"):
