@@ -18,7 +18,8 @@ from tests.support.events import BASE_TIME, encode, export_row, ndjson, user_eve
 from tests.support.http import deliver, outcomes, relay_command
 
 DATABASE_CONNECTION = "Username-Password-Authentication"
-IMPORT_SCHEMA = json.loads((REPO / "tests" / "fixtures" / "auth0-bulk-import-user.schema.json").read_text())
+IMPORT_SCHEMA_FILE = REPO / "tests" / "fixtures" / "schemas" / "auth0-bulk-import-user.schema.json"
+IMPORT_SCHEMA = json.loads(IMPORT_SCHEMA_FILE.read_text())
 PASSWORD_NOTICE = "password hashes are not in the copy: imported users must reset their password"
 
 

@@ -17,6 +17,7 @@ BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 ENVELOPE_FIELDS = frozenset(
     {"specversion", "type", "source", "id", "time", "data", "a0tenant", "a0stream", "a0purpose"}
 )
+# The events Auth0 sends (other documents, such as schemas, live in subfolders).
 FIXTURE_NAMES = sorted(path.stem for path in FIXTURES.glob("*.json"))
 
 _KEEP: Any = object()
