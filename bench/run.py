@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,21 +170,14 @@ def run_server(
     fresh_schema(conninfo, schema, relay=server in RELAYS)
     port = free_port()
     command, env = server_command(server, conninfo, schema, port)
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
-        log_path = Path(scratch) / "server.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_serving(port, process, log_path)
-            sampler = MemorySampler(process.pid) if sample_memory else None
-            if sampler:
-                sampler.start()
-            acked_prefix = Path(scratch) / "load" if server in RELAYS else None
-            summary = load(port, seconds, args, f"r{round_number}s{SERVERS.index(server)}", acked_prefix)
-            if sampler:
-                sampler.stop()
-        finally:
-            stop(process)
+    with serving(command, env, port) as (process, scratch):
+        sampler = MemorySampler(process.pid) if sample_memory else None
+        if sampler:
+            sampler.start()
+        acked_prefix = scratch / "load" if server in RELAYS else None
+        summary = load(port, seconds, args, f"r{round_number}s{SERVERS.index(server)}", acked_prefix)
+        if sampler:
+            sampler.stop()
         acked = read_acknowledged(acked_prefix, args.threads) if acked_prefix else []
     result = Run(
         server,
@@ -287,24 +280,33 @@ def sqs_run(aws: Aws, round_number: int, events: int, conninfo: str) -> float:
     port = free_port()
     command, env = server_command(RELAY, conninfo, schema, port)
     env.update(aws.environment(), RELAY_SQS_QUEUE_URL=queue.url)
+    with serving(command, env, port):
+        started = time.monotonic()
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            count = sql.SQL("SELECT count(*) FROM {}.processed_events").format(sql.Identifier(schema))
+            while (row := conn.execute(count).fetchone()) is not None and row[0] < events:
+                if time.monotonic() - started > 600:
+                    raise RuntimeError(f"the SQS run applied {row[0]} of {events} events in 600 s")
+                time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    drop_schema(conninfo, schema)
+    return events / elapsed
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], env: dict[str, str], port: int
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A server process started, answering on `port`, and a scratch folder beside its log; stopped after."""
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
         log_path = Path(scratch) / "server.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_serving(port, process, log_path)
-            started = time.monotonic()
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                count = sql.SQL("SELECT count(*) FROM {}.processed_events").format(sql.Identifier(schema))
-                while (row := conn.execute(count).fetchone()) is not None and row[0] < events:
-                    if time.monotonic() - started > 600:
-                        raise RuntimeError(f"the SQS run applied {row[0]} of {events} events in 600 s")
-                    time.sleep(0.05)
-            elapsed = time.monotonic() - started
+            yield process, Path(scratch)
         finally:
             stop(process)
-    drop_schema(conninfo, schema)
-    return events / elapsed
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
