@@ -23,6 +23,11 @@ events wrapped as EventBridge delivers them, drained by `relay serve` with `RELA
 other setting at its default; its events per second (from serving to the last event in the ledger) are
 reported as a ratio to the relay's webhook route in the same round.
 
+Every run also counts the CPU time it took, per event: the server's processes, the PostgreSQL server's (when
+it runs on this machine), and wrk's. On two cores shared by all three, the bare app spends its CPU on HTTP
+alone while the relay shares the machine with PostgreSQL's work for every event; the report shows what that
+costs, and the relay / bare ratio that the CPU alone allows.
+
 After every relay run, each event wrk saw acknowledged is looked up in `processed_events`: the count missing
 is printed, and must be 0. A longer relay run samples the memory of all its processes. Then the backfill of
 a generated export (`relay backfill --file`, end to end) is timed against the COPY limit of the same server:
@@ -37,6 +42,7 @@ import contextlib
 import gzip
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -87,6 +93,20 @@ class Run:
     acknowledged: int
     lost: int | None = None
     rss_mib: list[float] = field(default_factory=list)
+    cpu: CpuPerEvent | None = None
+
+
+@dataclass(frozen=True)
+class CpuPerEvent:
+    """CPU microseconds per acknowledged event, by whom."""
+
+    server: float
+    database: float | None  # None when PostgreSQL runs elsewhere
+    load: float
+
+    @property
+    def total(self) -> float:
+        return self.server + (self.database or 0.0) + self.load
 
 
 def main() -> int:
@@ -112,6 +132,7 @@ def main() -> int:
             print(f"bench: {tool} is not installed (make bench installs wrk with apt-get)", file=sys.stderr)
             return 2
     conninfo, where, psql = database()
+    postmaster = local_postmaster(conninfo)
     print(f"machine: {os.cpu_count()} cores, {memory_gib():.0f} GiB; PostgreSQL: {where}")
     print(
         f"load: wrk, {args.threads} threads, {args.connections} connections, {args.seconds} s per run, "
@@ -129,14 +150,14 @@ def main() -> int:
             order = SERVERS[round_number - 1 :] + SERVERS[: round_number - 1]
             for server in order:
                 print(f"round {round_number}: {server} ...", flush=True)
-                runs.append(run_server(server, round_number, args.seconds, conninfo, args))
+                runs.append(run_server(server, round_number, args.seconds, conninfo, postmaster, args))
             if aws is not None:
                 print(f"round {round_number}: {SQS} ({args.sqs_events:,} queued events) ...", flush=True)
                 sqs_rates[round_number] = sqs_run(aws, round_number, args.sqs_events, conninfo)
     soak = None
     if args.soak_seconds:
         print(f"memory run: {RELAY}, {args.soak_seconds} s ...", flush=True)
-        soak = run_server(RELAY, 0, args.soak_seconds, conninfo, args, sample_memory=True)
+        soak = run_server(RELAY, 0, args.soak_seconds, conninfo, postmaster, args, sample_memory=True)
     backfills: list[tuple[float, float]] = []
     if args.backfill_users:
         export = export_file(args.backfill_users)
@@ -163,6 +184,7 @@ def run_server(
     round_number: int,
     seconds: int,
     conninfo: str,
+    postmaster: int | None,
     args: argparse.Namespace,
     sample_memory: bool = False,
 ) -> Run:
@@ -175,7 +197,9 @@ def run_server(
         if sampler:
             sampler.start()
         acked_prefix = scratch / "load" if server in RELAYS else None
+        cpu_before = cpu_seconds(process.pid, postmaster)
         summary = load(port, seconds, args, f"r{round_number}s{SERVERS.index(server)}", acked_prefix)
+        cpu_after = cpu_seconds(process.pid, postmaster)
         if sampler:
             sampler.stop()
         acked = read_acknowledged(acked_prefix, args.threads) if acked_prefix else []
@@ -186,10 +210,11 @@ def run_server(
         summary["p50_ms"],
         summary["p99_ms"],
         summary["max_ms"],
-        summary["refused"],
-        summary["socket_errors"],
-        summary["requests"] - summary["refused"],
+        int(summary["refused"]),
+        int(summary["socket_errors"]),
+        int(summary["requests"] - summary["refused"]),
     )
+    result.cpu = cpu_per_event(cpu_before, cpu_after, result.acknowledged)
     if acked_prefix:
         result.lost = count_missing(conninfo, schema, acked)
     if sample_memory and sampler:
@@ -361,6 +386,50 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
+@dataclass(frozen=True)
+class CpuSeconds:
+    server: float
+    database: float | None
+    load: float
+
+
+def cpu_seconds(server_pid: int, postmaster: int | None) -> CpuSeconds:
+    """CPU seconds used so far by the server's processes, PostgreSQL's (its backends that have exited
+    included) and this process's children that have ended (wrk, once it has)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSeconds(
+        sum(process_cpu(pid) for pid in process_tree(server_pid)),
+        None
+        if postmaster is None
+        else sum(process_cpu(pid, reaped_children=pid == postmaster) for pid in process_tree(postmaster)),
+        children.ru_utime + children.ru_stime,
+    )
+
+
+def cpu_per_event(before: CpuSeconds, after: CpuSeconds, events: int) -> CpuPerEvent | None:
+    if not events:
+        return None
+    database = None
+    if before.database is not None and after.database is not None:
+        database = (after.database - before.database) / events * 1e6
+    return CpuPerEvent(
+        (after.server - before.server) / events * 1e6, database, (after.load - before.load) / events * 1e6
+    )
+
+
+def process_cpu(pid: int, *, reaped_children: bool = False) -> float:
+    """A process's user and system CPU seconds, with those of its children it has waited for if asked."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    # Fields 14-17 of /proc/PID/stat (here from 0 after the command name): utime, stime, cutime, cstime.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def process_tree(pid: int) -> list[int]:
     found, pending = [], [pid]
     while pending:
@@ -497,6 +566,19 @@ def database() -> tuple[str, str, str]:
     return url, f"{where} ({version // 10000}.{version % 10000})", str(server.psql)
 
 
+def local_postmaster(conninfo: str) -> int | None:
+    """The PostgreSQL server's main process, when it runs on this machine (its CPU time is then counted)."""
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        stat = Path(f"/proc/{row[0] if row else 0}/stat").read_text()
+    except FileNotFoundError:
+        return None  # PostgreSQL runs elsewhere (or in a container with its own process ids)
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    command = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+    return parent if "postgres" in command else None
+
+
 def memory_gib() -> float:
     with open("/proc/meminfo") as meminfo:
         return int(meminfo.readline().split()[1]) / 1024 / 1024
@@ -601,6 +683,8 @@ def report(
         growth = f"{quarter:.1f} MiB at a quarter, {end:.1f} MiB at the end ({end - quarter:+.1f} MiB)"
         print(f"  {label:<44} {growth}")
 
+    report_cpu(by_round)
+
     print("\nThis machine, this run (absolute figures compare with nothing measured on another day):")
     print(
         f"  {'server':<34}{'round':>6}{'events/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
@@ -618,6 +702,41 @@ def report(
     for number, (relay, copy) in enumerate(backfills, start=1):
         print(
             f"  backfill round {number}: relay backfill {relay:,.0f} users/s, COPY limit {copy:,.0f} users/s"
+        )
+
+
+def report_cpu(by_round: dict[int, dict[str, Run]]) -> None:
+    """Where each server's CPU went, per event, and the relay / bare ratio the CPU alone would allow: with
+    every core busy, events per second go as the inverse of all the CPU an event costs, wrk's included."""
+
+    def median_cpu(server: str, part: Callable[[CpuPerEvent], float | None]) -> float | None:
+        values = [
+            value
+            for servers in by_round.values()
+            if (cpu := servers[server].cpu) is not None and (value := part(cpu)) is not None
+        ]
+        return statistics.median(values) if values else None
+
+    print("\nCPU per event, microseconds (median of the rounds):")
+    print(f"  {'server':<34}{'server':>9}{'PostgreSQL':>12}{'wrk':>8}{'all':>8}")
+    for server in SERVERS:
+        parts = [
+            median_cpu(server, part)
+            for part in (
+                lambda cpu: cpu.server,
+                lambda cpu: cpu.database,
+                lambda cpu: cpu.load,
+                lambda cpu: cpu.total,
+            )
+        ]
+        shown = [f"{value:.0f}" if value is not None else "-" for value in parts]
+        print(f"  {server:<34}{shown[0]:>9}{shown[1]:>12}{shown[2]:>8}{shown[3]:>8}")
+    relay, bare = median_cpu(RELAY, lambda cpu: cpu.total), median_cpu(BARE_N, lambda cpu: cpu.total)
+    database = median_cpu(RELAY, lambda cpu: cpu.database)
+    if relay and bare and database is not None:
+        print(
+            f"  relay / {BARE_N} that the CPU allows: {bare / relay:.2f}; "
+            f"with PostgreSQL's share free, {bare / (relay - database):.2f}"
         )
 
 
