@@ -162,8 +162,11 @@ def decide(
             continue
         if known is None:
             decided.writes.new_users.append(state)
-        else:
+        elif not known.holds(state):
             decided.writes.changed_users.append((state, known.row_version))
+        # Else the events changed nothing (stale ones, or a redelivery under a new id): the row is left as it
+        # is, unlocked, and is not announced on the change feed. A batch that changes it meanwhile carries
+        # everything these events would have written, since the merge keeps the newest of each field.
         if keep_history:
             decided.writes.history.extend(
                 HistoryRow.of(event) for index, event in events if decided.outcomes[index] in _MERGED

@@ -30,7 +30,7 @@ from relay.pipeline import Delivery, Pipeline
 from relay.settings import ConfigError, Settings
 from relay.store import Pool, create_pool
 from tests.support import REPO
-from tests.support.database import Database
+from tests.support.database import Database, outcomes_recorded
 from tests.support.events import BASE_TIME, encode, export_row, iso, ndjson, user_event
 from tests.support.http import deliver, outcomes, relay_command, relay_environment
 
@@ -119,6 +119,25 @@ async def test_a_write_rolled_back_announces_nothing(pipeline: Pipeline, databas
             "dead_lettered",
         ]
         assert changes(listener.notices()) == [[("auth0|good", "applied")]]
+
+
+@pytest.mark.anyio
+async def test_events_that_change_nothing_leave_the_row_unwritten_and_unannounced(
+    pipeline: Pipeline, database: Database
+) -> None:
+    newer = user_event("updated", "evt_new", 10, "auth0|a", name="New")
+    assert await apply(pipeline, created("auth0|a", "evt_a"), newer) == ["applied", "applied"]
+    [(row_version,)] = database.query("SELECT xmin::text FROM users WHERE user_id = 'auth0|a'")
+
+    older = user_event("updated", "evt_old", 5, "auth0|a", name="Old")
+    with listening(database) as listener:
+        assert await apply(pipeline, older) == ["stale"]
+        assert listener.notices(wait=0.5) == []
+    # Recorded in the ledger, and the row as it was: not even rewritten with the same values.
+    assert outcomes_recorded(database)["evt_old"] == "stale"
+    assert database.query("SELECT xmin::text, name FROM users WHERE user_id = 'auth0|a'") == [
+        (row_version, "New")
+    ]
 
 
 @pytest.mark.anyio
