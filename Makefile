@@ -50,8 +50,11 @@ typecheck: $(SYNCED)
 test-action: $(NODE_TOOLS)
 	cd action && node --test
 
+# Test modules run in parallel processes, each module whole in one of them (its relay process and schema
+# are module-wide); every process starts its own embedded PostgreSQL.
+TEST_WORKERS ?= 2
 test-python: $(SYNCED) test-tools
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-tools:
 	$(call install_missing,$(TEST_TOOLS))

@@ -22,14 +22,23 @@ from tests.support.http import RelayProcess, relay_environment, running_relay
 BACKENDS = ["embedded"] + (["service"] if os.environ.get("TEST_DATABASE_URL") else [])
 
 
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded PostgreSQL, started once per test process. Kept apart from `database_server` because
+    pytest tears a parametrized session fixture down whenever the parameter changes, and a test process
+    (one of `make test`'s workers) alternates between modules of both backends."""
+    server = start_embedded(tmp_path_factory.mktemp("embedded"), stop_at_exit=False)
+    yield server.conninfo
+    server.stop()
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
-def database_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The conninfo of a PostgreSQL server (one session-wide per backend)."""
+def database_server(request: pytest.FixtureRequest) -> str:
+    """The conninfo of a PostgreSQL server: the embedded one, or the one TEST_DATABASE_URL names."""
     if request.param == "service":
         return os.environ["TEST_DATABASE_URL"]
-    server = start_embedded(tmp_path_factory.mktemp("embedded"), stop_at_exit=False)
-    request.addfinalizer(server.stop)
-    return server.conninfo
+    conninfo: str = request.getfixturevalue("embedded_server")
+    return conninfo
 
 
 @pytest.fixture

@@ -640,7 +640,8 @@ async def test_a_chunk_chosen_as_a_deadlock_victim_is_merged_again(pool: Pool, d
         loading = asyncio.create_task(
             load(pool, [export_row(first, newer, name="First"), export_row(second, newer, name="Second")])
         )
-        await wait_for_a_lock_wait(database)  # the chunk holds `first` and waits for `second`
+        # The chunk holds `first` and waits for `second`.
+        await wait_for_a_lock_wait(database, other.info.backend_pid)
         # Closing the cycle: PostgreSQL's deadlock check runs in the chunk's backend first, since it has
         # waited longest, and rolls the chunk back; this statement then gets its lock.
         await other.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", [first])
@@ -651,13 +652,14 @@ async def test_a_chunk_chosen_as_a_deadlock_victim_is_merged_again(pool: Pool, d
     assert database.query("SELECT name FROM users ORDER BY user_id") == [("First",), ("Second",)]
 
 
-async def wait_for_a_lock_wait(database: Database, seconds: float = 10) -> None:
-    """Until a chunk's merge (`MERGE_EXPORT_LINES`, which reads `export_lines`) waits for a row lock."""
+async def wait_for_a_lock_wait(database: Database, holder_pid: int, seconds: float = 10) -> None:
+    """Until a chunk's merge (`MERGE_EXPORT_LINES`, which reads `export_lines`) waits for a row lock held by
+    this test's own connection (other tests, in other workers, may be waiting on locks of their own)."""
     deadline = asyncio.get_running_loop().time() + seconds
     while asyncio.get_running_loop().time() < deadline:
         waiting = database.query(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-            ["%FROM export_lines%"],
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) AND query LIKE %s",
+            [holder_pid, "%FROM export_lines%"],
         )
         if waiting[0][0] > 0:
             return
