@@ -52,7 +52,7 @@ test-action: $(NODE_TOOLS)
 
 # Test modules run in parallel processes, each module whole in one of them (its relay process and schema
 # are module-wide); every process starts its own embedded PostgreSQL.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test-python: $(SYNCED) test-tools
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
