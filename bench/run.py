@@ -82,7 +82,6 @@ BARE_1 = "bare Litestar (1 process)"
 SERVERS = (RELAY, GUIDE, BARE_N, BARE_1, ONE_TX, HISTORY, FEED_OFF)
 RELAYS = (RELAY, ONE_TX, HISTORY, FEED_OFF)
 SQS = "relay SQS consumer (moto)"
-BARE_SQS = "bare receive-and-delete loop (moto)"
 
 
 @dataclass
@@ -725,7 +724,7 @@ def report(
     ]
     if sqs_rates:
         ratios = [rates.relay / rates.bare for rates in sqs_rates.values()]
-        rows.append((f"{SQS} / {BARE_SQS}", statistics.median(ratios), ratios, ""))
+        rows.append(("relay SQS consumer / bare loop, same moto", statistics.median(ratios), ratios, ""))
     if backfills:
         ratios = [backfill.relay / backfill.copy_limit for backfill in backfills]
         rows.append(("backfill / COPY limit", statistics.median(ratios), ratios, ">= 0.5"))
