@@ -20,10 +20,10 @@ median ratio over the rounds. The servers:
 
 Each round also measures the SQS path: a queue on a moto server (in this process) holding the same kind of
 events wrapped as EventBridge delivers them, drained by `relay serve` with `RELAY_SQS_QUEUE_URL` and every
-other setting at its default (events per second from serving to the last event in the ledger). moto answers
-a few dozen calls a second here, far below what the relay takes, so the figure to read is the ratio to a bare
-consumer draining the same events from the same moto: a loop of ReceiveMessage (10 at a time) and
-DeleteMessageBatch, with no database.
+other setting at its default (events per second from serving to the last event in the ledger). moto lets a
+few dozen events a second through here, fewer the more it holds, far below what the relay takes; so the
+figure to read is the ratio to a bare consumer draining the same events from the same moto: a loop of
+ReceiveMessage (10 at a time) and DeleteMessageBatch, with no database.
 
 Every run also counts the CPU time it took, per event: the server's processes, the PostgreSQL server's (when
 it runs on this machine), and wrk's. On two cores shared by all three, the bare app spends its CPU on HTTP
