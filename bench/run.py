@@ -306,6 +306,7 @@ class SqsRates:
 
 
 def sqs_run(aws: Aws, round_number: int, events: int, conninfo: str) -> SqsRates:
+    """The same events drained from moto by `relay serve`, then by the bare loop, each from its own queue."""
     bodies = [json.dumps(eventbridge_event(event)) for event in new_users(f"sqs{round_number}", events)]
     return SqsRates(relay_sqs_rate(aws, round_number, bodies, conninfo), bare_sqs_rate(aws, bodies))
 
@@ -346,15 +347,20 @@ def relay_sqs_rate(aws: Aws, round_number: int, bodies: list[str], conninfo: str
     env.update(aws.environment(), RELAY_SQS_QUEUE_URL=queue.url)
     count = sql.SQL("SELECT count(*) FROM {}.processed_events").format(sql.Identifier(schema))
     with serving(command, env, port), psycopg.connect(conninfo, autocommit=True) as conn:
+
+        def applied() -> int:
+            row = conn.execute(count).fetchone()
+            return int(row[0]) if row else 0
+
         # The consumer starts before the HTTP port answers: what it applied by then is not timed.
-        started, (applied_before,) = time.monotonic(), conn.execute(count).fetchone() or (0,)
-        while (row := conn.execute(count).fetchone()) is not None and row[0] < events:
+        started, applied_before = time.monotonic(), applied()
+        while (done := applied()) < events:
             if time.monotonic() - started > 600:
-                raise RuntimeError(f"the SQS run applied {row[0]} of {events} events in 600 s")
+                raise RuntimeError(f"the SQS run applied {done} of {events} events in 600 s")
             time.sleep(0.05)
         elapsed = time.monotonic() - started
     drop_schema(conninfo, schema)
-    return (events - int(applied_before)) / elapsed
+    return (events - applied_before) / elapsed
 
 
 @contextlib.contextmanager
